@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,14 @@ from typing import Any
 MAX_LOGPROBS = 20
 # NOTE: logit_bias entries per request that the compiled step carries (OpenAI allows 300).
 MAX_LOGIT_BIAS = 300
+
+
+class RequestOutputKind(enum.Enum):
+    """What each `RequestOutput` of a request holds (vLLM's `RequestOutputKind`)."""
+
+    CUMULATIVE = 0  # everything generated so far
+    DELTA = 1  # only what is new since the last output
+    FINAL_ONLY = 2  # one output, when the request finishes
 
 
 @dataclass
@@ -43,6 +52,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:

@@ -1,0 +1,102 @@
+"""`EngineArgs`: every engine option with vLLM's name and default, and the configs it derives."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": jnp.float32, "float": jnp.float32, "bfloat16": jnp.bfloat16,
+           "float16": jnp.float16, "half": jnp.float16}
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Engine options, named as `vllm serve` names them (the CLI is generated from these fields)."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    revision: str | None = None
+    download_dir: str | None = None
+    load_format: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    served_model_name: str | None = None
+    chat_template: str | None = None
+    trust_remote_code: bool = False
+    # Cache.
+    block_size: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: str = "sha256"
+    # Scheduler.
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0
+    max_num_partial_prefills: int = 1
+    max_long_partial_prefills: int = 1
+    scheduling_policy: str = "fcfs"
+    # Compilation.
+    enforce_eager: bool = False
+    compilation_cache_dir: str | None = None
+    # Parallelism (single device for now; the parallelism issue maps these onto a mesh).
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"--dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        parallel = (self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size)
+        if parallel != (1, 1, 1) or self.enable_expert_parallel:
+            raise ValueError("tensor/pipeline/data/expert parallelism is not implemented yet; "
+                             "run with --tensor-parallel-size 1 --pipeline-parallel-size 1 "
+                             "--data-parallel-size 1")
+
+    def replace(self, **changes: Any) -> EngineArgs:
+        return dataclasses.replace(self, **changes)
+
+    def resolve_dtype(self, model_config: ModelConfig):
+        """`auto`: float32 on CPU (XLA's bf16 dots are slow there), the checkpoint's dtype else."""
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if jax.default_backend() == "cpu":
+            return jnp.float32
+        return _DTYPES.get(model_config.checkpoint_dtype, jnp.bfloat16)
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        on_cpu = jax.default_backend() == "cpu"
+        max_num_seqs = self.max_num_seqs or (32 if on_cpu else 256)
+        default_tokens = 512 if on_cpu else 2048
+        tokens = self.max_num_batched_tokens or max(default_tokens, max_num_seqs)
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens is None:
+            tokens = max(tokens, max_model_len)
+        return SchedulerConfig(
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=tokens, max_model_len=max_model_len,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+            long_prefill_token_threshold=self.long_prefill_token_threshold,
+            max_num_partial_prefills=self.max_num_partial_prefills,
+            max_long_partial_prefills=self.max_long_partial_prefills,
+            policy=self.scheduling_policy)
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(
+            block_size=self.block_size or 16,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            num_gpu_blocks_override=self.num_gpu_blocks_override,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            enable_prefix_caching=self.enable_prefix_caching,
+            prefix_caching_hash_algo=self.prefix_caching_hash_algo)

@@ -1,0 +1,184 @@
+"""The engine loop: add requests, then `step()` = schedule, run, postprocess."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import jax
+
+from jaxserve.config import ModelConfig
+from jaxserve.detokenizer import OutputText
+from jaxserve.engine.args import EngineArgs
+from jaxserve.engine.block_manager import BlockManager
+from jaxserve.engine.model_runner import ModelRunner, StepResult
+from jaxserve.engine.scheduler import Scheduler, SchedulerOutput
+from jaxserve.engine.sequence import FinishReason, Sequence
+from jaxserve.models.loader import load_model
+from jaxserve.models.source import resolve_model
+from jaxserve.outputs import RequestMetrics, RequestOutput
+from jaxserve.request_state import RequestState
+from jaxserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def enable_compilation_cache(cache_dir: str | None) -> str:
+    """Turn on JAX's persistent compilation cache (default `~/.cache/jaxserve/xla`)."""
+    cache_dir = cache_dir or os.environ.get("JAXSERVE_COMPILATION_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "jaxserve", "xla")
+    os.makedirs(cache_dir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return cache_dir
+
+
+class LLMEngine:
+    """Loads the model, owns scheduler and runner, and turns steps into `RequestOutput`s."""
+
+    def __init__(self, args: EngineArgs):
+        start = time.perf_counter()
+        self.args = args
+        cache_dir = enable_compilation_cache(args.compilation_cache_dir)
+        source = resolve_model(args.model, download_dir=args.download_dir, revision=args.revision,
+                               tokenizer=args.tokenizer)
+        self.model_name = args.served_model_name or source.name
+        cfg = ModelConfig.from_hf(source.hf_config)
+        max_model_len = args.max_model_len or cfg.max_position_embeddings
+        if max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"--max-model-len {max_model_len} exceeds the model's "
+                             f"max_position_embeddings {cfg.max_position_embeddings}")
+        self.tokenizer = source.load_tokenizer(args.tokenizer,
+                                               trust_remote_code=args.trust_remote_code,
+                                               revision=args.revision)
+        eos = set(cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.model_config = cfg = cfg.replace(eos_token_ids=tuple(sorted(eos)))
+        self.chat_template = _read_chat_template(args.chat_template) or source.chat_template()
+        self.dtype = args.resolve_dtype(cfg)
+        self.scheduler_config = args.scheduler_config(max_model_len)
+        self.cache_config = args.cache_config()
+        model = load_model(source, cfg, self.dtype, args.load_format, args.seed)
+        self.runner = ModelRunner(model, cfg, self.cache_config, self.scheduler_config, self.dtype,
+                                  enforce_eager=args.enforce_eager)
+        self.runner.compile_all()
+        self.block_manager = BlockManager(self.runner.num_pages, self.cache_config.block_size,
+                                          self.cache_config.enable_prefix_caching,
+                                          self.cache_config.prefix_caching_hash_algo)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.requests: dict[str, RequestState] = {}
+        self._rng = random.Random(args.seed)
+        logger.info("engine ready in %.1f s (compilation cache: %s)",
+                    time.perf_counter() - start, cache_dir)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler_config.max_model_len
+
+    # ---- requests -----------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    *, prompt: str | None = None, arrival_time: float | None = None,
+                    priority: int = 0) -> None:
+        """Queue a request; raises ValueError for a prompt or params the engine cannot serve."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        if self.scheduler_config.policy == "fcfs" and priority != 0:
+            raise ValueError("priority is only allowed with --scheduling-policy priority")
+        arrival_time = time.time() if arrival_time is None else arrival_time
+        state = RequestState(request_id, prompt, list(prompt_token_ids), params,
+                             RequestMetrics(arrival_time))
+        parent = None
+        for i in range(params.n):
+            if params.seed is not None:
+                seed = (params.seed * 1_000_003 + i) & 0xFFFFFFFF
+            else:
+                seed = self._rng.getrandbits(32)
+            seq = Sequence(request_id, list(prompt_token_ids), params, arrival_time=arrival_time,
+                           priority=priority, parent=parent, index=i, rng_seed=seed)
+            parent = parent or seq
+            state.add_sequence(seq, OutputText(self.tokenizer, seq.prompt_token_ids, params))
+            self.scheduler.add(seq)
+        self.requests[request_id] = state
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt ({n} tokens) leaves no room to generate within "
+                             f"max_model_len {self.max_model_len}")
+        pages_needed = -(-(n + 1) // self.cache_config.block_size)
+        if pages_needed > self.runner.num_pages:
+            raise ValueError(f"the prompt ({n} tokens) needs {pages_needed} KV pages, more than "
+                             f"the {self.runner.num_pages} the cache holds")
+        params.verify_vocab(vocab)
+
+    def abort_request(self, request_id: str) -> None:
+        state = self.requests.pop(request_id, None)
+        if state is not None:
+            self.scheduler.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the loop -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        result = self.runner.execute(out)
+        self.scheduler.update_from_output(out)
+        return self._postprocess(out, result)
+
+    def _postprocess(self, out: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        now = time.time()
+        touched: dict[str, RequestState] = {}
+        offset = 0
+        for row, (seq, n) in enumerate(zip(out.seqs, out.num_new_tokens)):
+            state = self.requests.get(seq.request_id)
+            start = seq.num_computed_tokens - n
+            if state is not None and result.prompt is not None and seq.index == 0:
+                state.record_prompt_logprobs(self.tokenizer, start, n, offset, result.prompt)
+            offset += n
+            if state is None or seq.num_computed_tokens < seq.num_tokens:
+                continue  # a prefill chunk that did not reach the last prompt token
+            reason = state.append_token(seq, row, result.sampled, self.tokenizer,
+                                        self.model_config.eos_token_ids, self.max_model_len, now)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            touched[seq.request_id] = state
+        outputs = []
+        for request_id, state in touched.items():
+            output = state.make_output()
+            if output is not None:
+                outputs.append(output)
+            if state.finished:
+                state.metrics.finished_time = now
+                del self.requests[request_id]
+        return outputs
+
+    def abort_all(self) -> None:
+        for request_id in list(self.requests):
+            self.abort_request(request_id)
+
+
+def _read_chat_template(value: str | None) -> str | None:
+    """`--chat-template` takes a file path or the template text itself."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value) as f:
+            return f.read()
+    return value
+
+
+__all__ = ["LLMEngine", "FinishReason", "enable_compilation_cache"]

@@ -1,0 +1,218 @@
+"""The model runner: lays a scheduled step out as one padded ragged token stream and runs the
+single compiled step (forward, KV write, logits at each sequence's last token, sampling).
+
+Shapes come from one bucket axis: the token count T is padded to a bucket (powers of two), and the
+sequence count to S = min(T, max_num_seqs). Every bucket is compiled ahead of time at start-up, so
+a step can never trigger a compile: a shape outside the buckets is an error, not a slow request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig, next_power_of_2
+from jaxserve.engine.sampler import SamplerOutput, SamplingMetadata, compute_logprobs, sample
+from jaxserve.engine.sampling_metadata import build_sampling_metadata
+from jaxserve.engine.scheduler import SchedulerOutput
+from jaxserve.kernels_pallas import init_kv_cache
+from jaxserve.models.layers import AttentionMetadata
+from jaxserve.sampling_params import MAX_LOGPROBS
+
+logger = logging.getLogger(__name__)
+
+
+class StepInput(NamedTuple):
+    token_ids: jax.Array  # i32[T]
+    positions: jax.Array  # i32[T]
+    md: AttentionMetadata
+    logits_indices: jax.Array  # i32[S] the last token of each sequence in the stream
+    sampling: SamplingMetadata
+    prompt_next_ids: jax.Array  # i32[T] the prompt token each position predicts (prompt logprobs)
+    want_prompt_logprobs: jax.Array  # bool[]
+
+
+class PromptLogprobs(NamedTuple):
+    logprob: jax.Array  # f32[T]
+    rank: jax.Array  # i32[T]
+    top_ids: jax.Array  # i32[T, MAX_LOGPROBS]
+    top_logprobs: jax.Array  # f32[T, MAX_LOGPROBS]
+
+
+class StepResult(NamedTuple):
+    """Host copies of what one step produced, for the first `num_seqs` rows / `num_tokens` tokens."""
+
+    sampled: SamplerOutput  # numpy, rows = scheduled sequences
+    prompt: PromptLogprobs | None  # numpy, rows = stream tokens; None unless asked for
+
+
+def token_buckets(max_tokens: int, min_bucket: int) -> list[int]:
+    buckets, b = [], min_bucket
+    while b < max_tokens:
+        buckets.append(b)
+        b *= 2
+    buckets.append(max_tokens)
+    return buckets
+
+
+def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype) -> int:
+    return cfg.num_layers * page_size * 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def num_kv_pages(cfg: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, dtype) -> int:
+    """Pages for the KV cache: the override, the byte budget, or free device memory."""
+    per_page = kv_bytes_per_page(cfg, cache.block_size, dtype)
+    pages_per_seq = -(-sched.max_model_len // cache.block_size)
+    if cache.num_gpu_blocks_override:
+        return cache.num_gpu_blocks_override
+    if cache.kv_cache_memory_bytes:
+        return max(1, cache.kv_cache_memory_bytes // per_page)
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        free = stats["bytes_limit"] * cache.gpu_memory_utilization - stats.get("bytes_in_use", 0)
+        return max(pages_per_seq, int(free // per_page))
+    # CPU: enough for every sequence at full length, at most 4 GiB (vLLM-CPU's default KV space).
+    return max(pages_per_seq, min(sched.max_num_seqs * pages_per_seq, (4 << 30) // per_page))
+
+
+class ModelRunner:
+    """Owns the device state (parameters, KV cache) and the compiled step for every bucket."""
+
+    def __init__(self, model: nnx.Module, model_config: ModelConfig, cache_config: CacheConfig,
+                 scheduler_config: SchedulerConfig, dtype, *, enforce_eager: bool = False):
+        self.cfg = model_config
+        self.page_size = cache_config.block_size
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.max_model_len = scheduler_config.max_model_len
+        self.pages_per_seq = -(-self.max_model_len // self.page_size)
+        self.num_pages = num_kv_pages(model_config, cache_config, scheduler_config, dtype)
+        self.eos_token_ids = tuple(model_config.eos_token_ids)
+        min_bucket = 1 if jax.default_backend() == "cpu" else 16
+        self.buckets = token_buckets(scheduler_config.max_num_batched_tokens, min_bucket)
+        self.enforce_eager = enforce_eager
+
+        self.graphdef, self.state = nnx.split(model)
+        self.kv_cache = init_kv_cache(self.num_pages, self.page_size, model_config.num_kv_heads,
+                                      model_config.head_dim, dtype,
+                                      num_layers=model_config.num_layers)
+        capacity = self.num_pages * self.page_size
+        logger.info("KV cache: %d pages of %d tokens = %d tokens (%.2f GiB); maximum concurrency "
+                    "at max_model_len %d: %.2fx", self.num_pages, self.page_size, capacity,
+                    self.num_pages * kv_bytes_per_page(model_config, self.page_size, dtype) / 2**30,
+                    self.max_model_len, capacity / self.max_model_len)
+        self._jit = jax.jit(self._step, donate_argnums=(1,))
+        self._compiled: dict[int, object] = {}
+        self.num_steps = 0
+
+    # ---- compiled step -------------------------------------------------------------------
+    def _step(self, state, kv_cache, inp: StepInput):
+        model = nnx.merge(self.graphdef, state)
+        kv_cache, h = model(inp.token_ids, inp.positions, kv_cache, inp.md)
+        logits = model.compute_logits(h[inp.logits_indices])  # f32[S, V]
+        sampled = sample(logits, inp.sampling)
+        T = inp.token_ids.shape[0]
+
+        def prompt_lp():
+            return PromptLogprobs(*compute_logprobs(model.compute_logits(h), inp.prompt_next_ids))
+
+        def no_prompt_lp():
+            return PromptLogprobs(jnp.zeros((T,), jnp.float32), jnp.zeros((T,), jnp.int32),
+                                  jnp.zeros((T, MAX_LOGPROBS), jnp.int32),
+                                  jnp.zeros((T, MAX_LOGPROBS), jnp.float32))
+
+        prompt = jax.lax.cond(inp.want_prompt_logprobs, prompt_lp, no_prompt_lp)
+        return kv_cache, sampled, prompt
+
+    def bucket_for(self, num_tokens: int) -> int:
+        for b in self.buckets:
+            if b >= num_tokens:
+                return b
+        raise ValueError(f"a step of {num_tokens} tokens exceeds max_num_batched_tokens "
+                         f"{self.buckets[-1]}")
+
+    def rows_for(self, bucket: int) -> int:
+        return min(bucket, self.max_num_seqs)
+
+    def compile_all(self) -> None:
+        """Compile the step for every bucket, with a progress bar (skipped with enforce_eager)."""
+        if self.enforce_eager:
+            logger.info("--enforce-eager: buckets compile lazily on first use")
+            return
+        start = time.perf_counter()
+        for bucket in tqdm(self.buckets, desc="Compiling buckets", unit="bucket"):
+            inp = self._empty_input(bucket)
+            self._compiled[bucket] = self._jit.lower(self.state, self.kv_cache, inp).compile()
+        logger.info("compiled %d buckets %s in %.1f s", len(self.buckets), self.buckets,
+                    time.perf_counter() - start)
+
+    @property
+    def num_compiled(self) -> int:
+        """Executables compiled so far; constant after start-up unless enforce_eager."""
+        return len(self._compiled) + self._jit._cache_size()
+
+    # ---- host side ----------------------------------------------------------------------
+    def _empty_input(self, T: int) -> StepInput:
+        S = self.rows_for(T)
+        md = AttentionMetadata(np.zeros(S, np.int32), np.zeros(S * self.pages_per_seq, np.int32),
+                               np.zeros(S + 1, np.int32), np.zeros(3, np.int32))
+        return StepInput(np.zeros(T, np.int32), np.zeros(T, np.int32), md,
+                         np.zeros(S, np.int32),
+                         build_sampling_metadata([], S, self.eos_token_ids, self.max_model_len),
+                         np.zeros(T, np.int32), np.zeros((), np.bool_))
+
+    def prepare(self, out: SchedulerOutput) -> tuple[StepInput, int]:
+        """Lay the scheduled sequences out as one padded token stream."""
+        T = self.bucket_for(out.total_tokens)
+        S = self.rows_for(T)
+        num_seqs = len(out.seqs)
+        assert num_seqs <= S, (num_seqs, S)
+        P = self.pages_per_seq
+        token_ids = np.zeros(T, np.int32)
+        positions = np.zeros(T, np.int32)
+        prompt_next = np.zeros(T, np.int32)
+        kv_lens = np.zeros(S, np.int32)
+        page_table = np.zeros((S, P), np.int32)
+        cu = np.zeros(S + 1, np.int32)
+        want_prompt_lp = False
+        offset = 0
+        for i, (seq, n) in enumerate(zip(out.seqs, out.num_new_tokens)):
+            start = seq.num_computed_tokens
+            end = start + n
+            token_ids[offset:offset + n] = seq.token_ids[start:end]
+            positions[offset:offset + n] = np.arange(start, end)
+            kv_lens[i] = end
+            page_table[i, :len(seq.block_table)] = seq.block_table
+            if seq.sampling_params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+                want_prompt_lp = True
+                nxt = seq.token_ids[start + 1:min(end + 1, seq.num_prompt_tokens)]
+                prompt_next[offset:offset + len(nxt)] = nxt
+            offset += n
+            cu[i + 1] = offset
+        cu[num_seqs + 1:] = offset
+        distribution = np.array([out.num_decodes, out.num_decodes, num_seqs], np.int32)
+        md = AttentionMetadata(kv_lens, page_table.reshape(-1), cu, distribution)
+        logits_indices = np.maximum(cu[1:] - 1, 0).astype(np.int32)
+        sampling = build_sampling_metadata(out.seqs, S, self.eos_token_ids, self.max_model_len)
+        inp = StepInput(token_ids, positions, md, logits_indices, sampling, prompt_next,
+                        np.asarray(want_prompt_lp))
+        return inp, T
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Run one scheduled step; returns the sampled tokens (and logprobs) on the host."""
+        inp, T = self.prepare(out)
+        fn = self._compiled.get(T, self._jit)
+        self.kv_cache, sampled, prompt = fn(self.state, self.kv_cache, inp)
+        self.num_steps += 1
+        n = len(out.seqs)
+        sampled = SamplerOutput(*(np.asarray(x)[:n] for x in sampled))
+        prompt_np = PromptLogprobs(*(np.asarray(x) for x in prompt)) if bool(
+            inp.want_prompt_logprobs) else None
+        return StepResult(sampled, prompt_np)
