@@ -81,16 +81,18 @@ class RequestState:
             c.logprobs.append(_logprob_dict(tokenizer, token, lp, sampled.rank[row],
                                             sampled.top_ids[row], sampled.top_logprobs[row],
                                             self.params.logprobs))
-        stop_str = c.text.append(token)
         p = self.params
+        enough = seq.num_output_tokens >= p.min_tokens
+        eos_stop = enough and not p.ignore_eos and token in eos_ids
+        id_stop = enough and token in p.stop_token_ids
+        stop_str = c.text.append(token, stop_terminated=eos_stop or id_stop)
         reason, stop_reason = None, None
-        if seq.num_output_tokens >= p.min_tokens:
-            if not p.ignore_eos and token in eos_ids:
-                reason = FinishReason.STOP
-            elif token in p.stop_token_ids:
-                reason, stop_reason = FinishReason.STOP, token
-            elif stop_str is not None:
-                reason, stop_reason = FinishReason.STOP, stop_str
+        if eos_stop:
+            reason = FinishReason.STOP
+        elif id_stop:
+            reason, stop_reason = FinishReason.STOP, token
+        elif stop_str is not None:
+            reason, stop_reason = FinishReason.STOP, stop_str
         if reason is None and ((p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)
                                or seq.num_tokens >= max_model_len):
             reason = FinishReason.LENGTH

@@ -134,14 +134,20 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         if out.is_empty:
-            return []
+            return self._postprocess(out, None)
         result = self.runner.execute(out)
         self.scheduler.update_from_output(out)
         return self._postprocess(out, result)
 
-    def _postprocess(self, out: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+    def _postprocess(self, out: SchedulerOutput,
+                     result: StepResult | None) -> list[RequestOutput]:
         now = time.time()
         touched: dict[str, RequestState] = {}
+        for seq in out.ignored:  # the scheduler gave up on these: they can never fit the pool
+            state = self.requests.get(seq.request_id)
+            if state is not None:
+                state.completions[seq.index].finish_reason = FinishReason.LENGTH
+                touched[seq.request_id] = state
         offset = 0
         for row, (seq, n) in enumerate(zip(out.seqs, out.num_new_tokens)):
             state = self.requests.get(seq.request_id)
