@@ -109,8 +109,8 @@ class SamplingParams:
             raise ValueError(
                 f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}"
             )
-        if self.allowed_token_ids is not None and not self.allowed_token_ids:
-            raise ValueError("allowed_token_ids must not be empty")
+        if self.allowed_token_ids is not None:
+            raise ValueError("allowed_token_ids is not supported yet")
         if self.bad_words:
             raise ValueError("bad_words is not supported yet")
 
@@ -118,7 +118,6 @@ class SamplingParams:
         """Raise `ValueError` if a token id named by these params is outside the vocabulary."""
         ids = list(self.stop_token_ids or [])
         ids += list((self.logit_bias or {}).keys())
-        ids += list(self.allowed_token_ids or [])
         bad = [i for i in ids if not 0 <= i < vocab_size]
         if bad:
             raise ValueError(f"token ids {bad} are outside the vocabulary (size {vocab_size})")
