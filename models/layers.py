@@ -167,36 +167,17 @@ class Attention(nnx.Module):
         md = ctx.md
         out, kv_cache = ragged_paged_attention(
             q, k, v, kv_cache, md.kv_lens, md.page_indices, md.cu_q_lens, md.distribution,
-            sm_scale=self.sm_scale, sliding_window=window, soft_cap=self.soft_cap, layer=layer)
+            sm_scale=self.sm_scale, sliding_window=window or None, soft_cap=self.soft_cap, layer=layer)
         return self.o_proj(out.reshape(T, N * H)), kv_cache
 
 
-def stacked(make, num_layers: int, rngs: nnx.Rngs):
-    """Build `num_layers` copies of a module whose parameters carry a leading layer axis."""
+def run_layers(layers, h, ctx: LayerContext, kv_cache, windows: tuple[int, ...]):
+    """Run the decoder layers in order, threading the hidden state and the stacked KV cache.
 
-    @nnx.split_rngs(splits=num_layers)
-    @nnx.vmap(in_axes=0, out_axes=0)
-    def create(r):
-        return make(r)
-
-    return create(rngs)
-
-
-def scan_layers(layers: nnx.Module, h, ctx: LayerContext, kv_cache, windows: tuple[int, ...]):
-    """Run stacked layers with `lax.scan`, carrying the hidden state and the whole KV cache.
-
-    NOTE: the cache is carried, never a scan output, so XLA updates it in place.
+    NOTE: the loop is unrolled on purpose. XLA:CPU copies a layer's weights out of stacked
+    `f[L, ...]` arrays on every `lax.scan` iteration (about 18 ms per step for this project's
+    default model, see docs/performance.md); separate per-layer arrays are read in place.
     """
-    graphdef, state = nnx.split(layers)
-    num_layers = len(windows)
-
-    def body(carry, xs):
-        h, cache = carry
-        layer_state, idx, window = xs
-        layer = nnx.merge(graphdef, layer_state)
-        h, cache = layer(h, ctx, cache, idx, window)
-        return (h, cache), None
-
-    xs = (state, jnp.arange(num_layers, dtype=jnp.int32), jnp.asarray(windows, jnp.int32))
-    (h, kv_cache), _ = jax.lax.scan(body, (h, kv_cache), xs)
+    for idx, layer in enumerate(layers):
+        h, kv_cache = layer(h, ctx, kv_cache, idx, windows[idx])
     return h, kv_cache

@@ -12,8 +12,7 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.models.layers import (MLP, Attention, AttentionMetadata, Embedding, LayerContext,
-                                    Linear, RMSNorm, rope_cos_sin, rope_inv_freq, scan_layers,
-                                    stacked)
+                                    Linear, RMSNorm, rope_cos_sin, rope_inv_freq, run_layers)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -36,8 +35,8 @@ class LlamaModel(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = stacked(lambda r: self.layer_cls(cfg, dtype=dtype, rngs=r),
-                              cfg.num_layers, rngs)
+        self.layers = nnx.List([self.layer_cls(cfg, dtype=dtype, rngs=rngs)
+                                for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype,
                             plus_one=self.norm_plus_one)
         self.inv_freq = nnx.static(tuple(float(f) for f in rope_inv_freq(cfg)))
@@ -51,7 +50,7 @@ class LlamaModel(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         ctx = LayerContext(cos=cos, sin=sin, md=md)
         h = self.embed(token_ids)
-        h, kv_cache = scan_layers(self.layers, h, ctx, kv_cache, self.windows)
+        h, kv_cache = run_layers(self.layers, h, ctx, kv_cache, self.windows)
         return self.norm(h), kv_cache
 
 

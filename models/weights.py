@@ -1,7 +1,7 @@
 """Put HF-named tensors into a Flax model: the one mapping table between checkpoints and modules.
 
-Modules mirror HF names, so the table is short: linear `weight f[out, in]` becomes our `kernel
-f[in, out]`, and `model.layers.{i}.*` fills row i of the stacked layer parameters.
+Modules mirror HF names, so the table is short: a linear layer's `weight f[out, in]` becomes our
+`kernel f[in, out]`; every other tensor keeps its name and layout.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from jaxserve.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # HF tensors that carry no parameters of ours.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
@@ -31,59 +30,40 @@ def abstract_model(cfg: ModelConfig, dtype) -> nnx.Module:
     return nnx.eval_shape(lambda: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-def _target(hf_name: str) -> tuple[tuple[str, ...], int | None, bool]:
-    """HF name -> (our parameter path, layer index or None, transpose?)."""
-    layer = None
-    m = _LAYER.match(hf_name)
-    if m:
-        layer, rest = int(m.group(1)), m.group(2)
-        parts = ["model", "layers", *rest.split(".")]
-    else:
-        parts = hf_name.split(".")
-    transpose = False
-    if parts[-1] == "weight" and parts[-2].endswith("_proj") or parts[-2:] == ["lm_head", "weight"]:
-        parts[-1], transpose = "kernel", True
-    return tuple(parts), layer, transpose
+def param_path(hf_name: str) -> tuple[tuple, bool]:
+    """HF name -> (our parameter path, transpose?). `model.layers.3.mlp.up_proj.weight` ->
+    `('model', 'layers', 3, 'mlp', 'up_proj', 'kernel')`, transposed."""
+    parts: list = [int(p) if p.isdigit() else p for p in hf_name.split(".")]
+    if parts[-1] == "weight" and (str(parts[-2]).endswith("_proj") or parts[-2] == "lm_head"):
+        parts[-1] = "kernel"
+        return tuple(parts), True
+    return tuple(parts), False
 
 
 def load_params(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], dtype) -> None:
     """Fill `model` (abstract or concrete) with HF-named tensors, in place."""
     cfg: ModelConfig = model.config
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    stacks: dict[tuple, np.ndarray] = {}
-    filled: dict[tuple, set[int] | None] = {}
-    np_dtype = np.dtype(jnp.dtype(dtype))
+    loaded: set[tuple] = set()
     for name, array in tensors:
         if _IGNORED.search(name):
             continue
-        path, layer, transpose = _target(name)
+        path, transpose = param_path(name)
         if path not in flat:
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
-            raise ValueError(f"checkpoint tensor {name!r} has no place in "
-                             f"{cfg.architecture} (looked for {'.'.join(path)})")
+            raise ValueError(f"checkpoint tensor {name!r} has no place in {cfg.architecture} "
+                             f"(looked for {'.'.join(map(str, path))})")
         if transpose:
             array = array.T
-        want = flat[path].shape
-        if layer is None:
-            if tuple(array.shape) != tuple(want):
-                raise ValueError(f"{name}: checkpoint shape {array.shape}, model expects {want}")
-            stacks[path] = np.ascontiguousarray(array, dtype=np_dtype)
-            filled[path] = None
-            continue
-        if tuple(array.shape) != tuple(want[1:]):
-            raise ValueError(f"{name}: checkpoint shape {array.shape}, model expects {want[1:]}")
-        if path not in stacks:
-            stacks[path] = np.empty(want, np_dtype)
-            filled[path] = set()
-        stacks[path][layer] = array
-        filled[path].add(layer)
-    missing = [".".join(p) for p in flat if p not in stacks]
-    partial = [".".join(p) for p, s in filled.items() if s is not None and len(s) != cfg.num_layers]
-    if missing or partial:
-        raise ValueError(f"checkpoint lacks tensors for {missing + partial}")
-    for path, array in stacks.items():
-        flat[path].set_value(jnp.asarray(array))
+        want = tuple(flat[path].shape)
+        if tuple(array.shape) != want:
+            raise ValueError(f"{name}: checkpoint shape {array.shape}, model expects {want}")
+        flat[path].set_value(jnp.asarray(np.asarray(array), dtype=dtype))
+        loaded.add(path)
+    missing = [".".join(map(str, p)) for p in flat if p not in loaded]
+    if missing:
+        raise ValueError(f"checkpoint lacks tensors for {missing}")
     nnx.update(model, nnx.from_flat_state(flat))
 
 
@@ -93,7 +73,7 @@ def dummy_params(model: nnx.Module, seed: int = 0) -> None:
     key = jax.random.key(seed)
     for i, (path, var) in enumerate(sorted(flat.items())):
         shape, dtype = var.shape, var.dtype
-        if path[-2].endswith("norm"):
+        if str(path[-2]).endswith("norm"):
             value = jnp.ones(shape, dtype) if not model.config.query_pre_attn_scalar else \
                 jnp.zeros(shape, dtype)
         elif path[-1] == "bias":
