@@ -133,6 +133,7 @@ class LayerContext(NamedTuple):
     cos: jax.Array  # f32[T, H]
     sin: jax.Array  # f32[T, H]
     md: AttentionMetadata
+    backend: str  # attention backend (kernels_pallas.BACKENDS)
 
 
 class Attention(nnx.Module):
@@ -167,7 +168,8 @@ class Attention(nnx.Module):
         md = ctx.md
         out, kv_cache = ragged_paged_attention(
             q, k, v, kv_cache, md.kv_lens, md.page_indices, md.cu_q_lens, md.distribution,
-            sm_scale=self.sm_scale, sliding_window=window or None, soft_cap=self.soft_cap, layer=layer)
+            sm_scale=self.sm_scale, sliding_window=window or None, soft_cap=self.soft_cap,
+            backend=ctx.backend, layer=layer)
         return self.o_proj(out.reshape(T, N * H)), kv_cache
 
 

@@ -33,7 +33,8 @@ class LlamaModel(nnx.Module):
     layer_cls = LlamaDecoderLayer
     norm_plus_one = False
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_backend: str):
+        self.attention_backend = nnx.static(attention_backend)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([self.layer_cls(cfg, dtype=dtype, rngs=rngs)
                                 for _ in range(cfg.num_layers)])
@@ -48,7 +49,7 @@ class LlamaModel(nnx.Module):
     def __call__(self, token_ids, positions, kv_cache, md: AttentionMetadata):
         """token_ids i32[T], positions i32[T] -> (hidden f[T, D], kv_cache)."""
         cos, sin = rope_cos_sin(positions, self.inv_freq)
-        ctx = LayerContext(cos=cos, sin=sin, md=md)
+        ctx = LayerContext(cos=cos, sin=sin, md=md, backend=self.attention_backend)
         h = self.embed(token_ids)
         h, kv_cache = run_layers(self.layers, h, ctx, kv_cache, self.windows)
         return self.norm(h), kv_cache
@@ -57,10 +58,12 @@ class LlamaModel(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
     model_cls = LlamaModel
 
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
+                 attention_backend: str = "ref"):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = nnx.static(cfg)
-        self.model = self.model_cls(cfg, dtype=dtype, rngs=rngs)
+        self.model = self.model_cls(cfg, dtype=dtype, rngs=rngs,
+                                    attention_backend=attention_backend)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:

@@ -24,20 +24,23 @@ def is_orbax_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, ORBAX_MARKER))
 
 
-def load_model(source, cfg: ModelConfig, dtype, load_format: str = "auto",
-               seed: int = 0) -> nnx.Module:
+def load_model(source, cfg: ModelConfig, dtype, load_format: str = "auto", seed: int = 0,
+               attention_backend: str = "ref") -> nnx.Module:
     """The model for `source` (a `ModelSource`), its parameters on device in `dtype`."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"--load-format must be one of {LOAD_FORMATS}, got {load_format!r}")
     start = time.perf_counter()
-    model = abstract_model(cfg, dtype)
+    model = abstract_model(cfg, dtype, attention_backend)
     if load_format == "dummy":
         dummy_params(model, seed)
     elif load_format == "orbax" or (load_format == "auto" and source.format == "hf"
                                     and is_orbax_folder(source.path)):
         restore_orbax(model, source.path)
     else:
-        load_params(model, source.iter_tensors(load_format), dtype)
+        if load_format == "gguf" and source.format != "gguf":
+            raise ValueError(f"--load-format gguf needs a .gguf file, got {source.path}")
+        load_params(model, source.iter_tensors("auto" if load_format == "gguf" else load_format),
+                    dtype)
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     logger.info("loaded %s (%.1fM parameters, %s) in %.1f s", source.name, num_params / 1e6,
                 jnp.dtype(dtype).name, time.perf_counter() - start)

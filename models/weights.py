@@ -24,10 +24,11 @@ logger = logging.getLogger(__name__)
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
 
-def abstract_model(cfg: ModelConfig, dtype) -> nnx.Module:
+def abstract_model(cfg: ModelConfig, dtype, attention_backend: str = "ref") -> nnx.Module:
     """The model's structure with shape-only parameters (no memory, no init cost)."""
     cls = get_model_class(cfg.architecture)
-    return nnx.eval_shape(lambda: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0),
+                                      attention_backend=attention_backend))
 
 
 def param_path(hf_name: str) -> tuple[tuple, bool]:

@@ -48,6 +48,7 @@ class EngineArgs:
     max_num_partial_prefills: int = 1
     max_long_partial_prefills: int = 1
     scheduling_policy: str = "fcfs"
+    attention_backend: str | None = None  # None: cpu kernel on CPU (float32), else ref
     # Compilation.
     enforce_eager: bool = False
     compilation_cache_dir: str | None = None
@@ -76,6 +77,19 @@ class EngineArgs:
         if jax.default_backend() == "cpu":
             return jnp.float32
         return _DTYPES.get(model_config.checkpoint_dtype, jnp.bfloat16)
+
+    def resolve_attention_backend(self, dtype) -> str:
+        """`--attention-backend`, or the fastest available for the platform and dtype."""
+        from jaxserve.kernels_pallas import BACKENDS, cpu
+
+        if self.attention_backend is not None:
+            if self.attention_backend not in BACKENDS:
+                raise ValueError(f"--attention-backend must be one of {BACKENDS}, got "
+                                 f"{self.attention_backend!r}")
+            return self.attention_backend
+        if jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and cpu.available():
+            return "cpu"
+        return "ref"
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         on_cpu = jax.default_backend() == "cpu"

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 import jax
+import jax.numpy as jnp
 
 from jaxserve.config import ModelConfig
 from jaxserve.detokenizer import OutputText
@@ -63,7 +64,11 @@ class LLMEngine:
         self.dtype = args.resolve_dtype(cfg)
         self.scheduler_config = args.scheduler_config(max_model_len)
         self.cache_config = args.cache_config()
-        model = load_model(source, cfg, self.dtype, args.load_format, args.seed)
+        self.attention_backend = args.resolve_attention_backend(self.dtype)
+        logger.info("dtype %s, attention backend %s", jnp.dtype(self.dtype).name,
+                    self.attention_backend)
+        model = load_model(source, cfg, self.dtype, args.load_format, args.seed,
+                           attention_backend=self.attention_backend)
         self.runner = ModelRunner(model, cfg, self.cache_config, self.scheduler_config, self.dtype,
                                   enforce_eager=args.enforce_eager)
         self.runner.compile_all()

@@ -1,13 +1,21 @@
-"""The pure-jnp ragged paged attention against a dense numpy oracle, with NaN in unused pages."""
+"""Every attention backend against a dense numpy oracle, with NaN in unused pages."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+import jax
 import jax.numpy as jnp
 
 from jaxserve.kernels_pallas import init_kv_cache, ragged_paged_attention
+
+
+def _backends():
+    from jaxserve.kernels_pallas import cpu
+
+    return ["ref", pytest.param("cpu", marks=pytest.mark.skipif(
+        not cpu.available(), reason="no C++ compiler for the cpu kernel"))]
 
 
 def _case(rng, q_lens, kv_lens, *, N=4, K=2, H=16, page_size=4, P=8, num_pages=40, S=None):
@@ -72,17 +80,20 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("window,soft_cap", [(None, None), (5, None), (None, 20.0)])
-def test_ref_matches_oracle(name, window, soft_cap):
+def test_backend_matches_oracle(backend, name, window, soft_cap):
     rng = np.random.default_rng(0)
     q_lens, kv_lens = CASES[name]
     c = _case(rng, q_lens, kv_lens, S=len(q_lens) + 1)
     sm_scale = 0.25
-    out, cache = ragged_paged_attention(
+    attend = jax.jit(lambda *a: ragged_paged_attention(
+        *a, sm_scale=sm_scale, sliding_window=window, soft_cap=soft_cap, backend=backend))
+    out, cache = attend(
         jnp.asarray(c["q"]), jnp.asarray(c["k"]), jnp.asarray(c["v"]), jnp.asarray(c["cache"]),
         jnp.asarray(c["lens"]), jnp.asarray(c["pages"].reshape(-1)), jnp.asarray(c["cu"]),
-        jnp.asarray(c["dist"]), sm_scale=sm_scale, sliding_window=window, soft_cap=soft_cap)
+        jnp.asarray(c["dist"]))
     T_real = int(c["cu"][len(q_lens)])
     want = _oracle(c, sm_scale, window, soft_cap)
     np.testing.assert_allclose(np.asarray(out)[:T_real], want[:T_real], atol=2e-5, rtol=2e-5)
@@ -101,7 +112,8 @@ def test_ref_matches_oracle(name, window, soft_cap):
     np.testing.assert_array_equal(cache, expect)  # NaN == NaN in assert_array_equal
 
 
-def test_stacked_cache_writes_only_its_layer():
+@pytest.mark.parametrize("backend", _backends())
+def test_stacked_cache_writes_only_its_layer(backend):
     rng = np.random.default_rng(1)
     c = _case(rng, [2, 1], [6, 9])
     stacked = np.stack([c["cache"], c["cache"] + 1.0, c["cache"] + 2.0])
@@ -112,7 +124,7 @@ def test_stacked_cache_writes_only_its_layer():
                                           sm_scale=0.3)
     out_s, cache_s = ragged_paged_attention(jnp.asarray(c["q"]), jnp.asarray(c["k"]),
                                             jnp.asarray(c["v"]), jnp.asarray(stacked), *args,
-                                            sm_scale=0.3, layer=1)
+                                            sm_scale=0.3, layer=1, backend=backend)
     np.testing.assert_allclose(np.asarray(out_s)[:3], np.asarray(out1)[:3], atol=1e-6)
     cache_s = np.asarray(cache_s)
     np.testing.assert_array_equal(cache_s[1], np.asarray(cache1))
