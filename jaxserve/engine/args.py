@@ -33,6 +33,7 @@ class EngineArgs:
     served_model_name: str | None = None
     chat_template: str | None = None
     trust_remote_code: bool = False
+    disable_log_stats: bool = False
     # Cache.
     block_size: int | None = None
     kv_cache_memory_bytes: int | None = None

@@ -18,6 +18,7 @@ from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.model_runner import ModelRunner, StepResult
 from jaxserve.engine.scheduler import Scheduler, SchedulerOutput
 from jaxserve.engine.sequence import FinishReason, Sequence
+from jaxserve.engine.stats import StatLogger
 from jaxserve.models.loader import load_model
 from jaxserve.models.source import resolve_model
 from jaxserve.outputs import RequestMetrics, RequestOutput
@@ -78,6 +79,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.requests: dict[str, RequestState] = {}
         self._rng = random.Random(args.seed)
+        self.stats = StatLogger(enabled=not args.disable_log_stats)
+        self._num_sampled = 0
         logger.info("engine ready in %.1f s (compilation cache: %s)",
                     time.perf_counter() - start, cache_dir)
 
@@ -142,7 +145,13 @@ class LLMEngine:
             return self._postprocess(out, None)
         result = self.runner.execute(out)
         self.scheduler.update_from_output(out)
-        return self._postprocess(out, result)
+        self._num_sampled = 0
+        outputs = self._postprocess(out, result)
+        self.stats.record(out.total_tokens - out.num_decodes, self._num_sampled,
+                          running=self.scheduler.num_running, waiting=self.scheduler.num_waiting,
+                          kv_usage=self.block_manager.usage,
+                          prefix_hit_rate=self.block_manager.prefix_cache_hit_rate)
+        return outputs
 
     def _postprocess(self, out: SchedulerOutput,
                      result: StepResult | None) -> list[RequestOutput]:
@@ -162,6 +171,7 @@ class LLMEngine:
             offset += n
             if state is None or seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prefill chunk that did not reach the last prompt token
+            self._num_sampled += 1
             reason = state.append_token(seq, row, result.sampled, self.tokenizer,
                                         self.model_config.eos_token_ids, self.max_model_len, now)
             if reason is not None:
