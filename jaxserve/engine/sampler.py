@@ -241,15 +241,24 @@ def sample(
     falling back to a full sort; results do not depend on it.
     """
     raw = logits.astype(jnp.float32)  # f32[S, V]
-    x = process_logits(raw, md)  # f32[S, V]
-    greedy_ids = jnp.argmax(x, axis=-1).astype(jnp.int32)  # i32[S]
 
-    def random_ids(x: jax.Array) -> jax.Array:
-        y = filter_logits(x, md, num_candidates=num_candidates)  # f32[S, V]
-        drawn = _sample_rows(y, _row_uniforms(md.seeds, md.steps))  # i32[S]
-        return jnp.where(md.temperature < SAMPLING_EPS, greedy_ids, drawn)
+    def processed_ids(raw: jax.Array) -> jax.Array:
+        x = process_logits(raw, md)  # f32[S, V]
+        greedy_ids = jnp.argmax(x, axis=-1).astype(jnp.int32)  # i32[S]
 
-    token_ids = lax.cond(md.any_random, random_ids, lambda x: greedy_ids, x)  # i32[S]
+        def random_ids(x: jax.Array) -> jax.Array:
+            y = filter_logits(x, md, num_candidates=num_candidates)  # f32[S, V]
+            drawn = _sample_rows(y, _row_uniforms(md.seeds, md.steps))  # i32[S]
+            return jnp.where(md.temperature < SAMPLING_EPS, greedy_ids, drawn)
+
+        return lax.cond(md.any_random, random_ids, lambda x: greedy_ids, x)
+
+    # NOTE: the common all-greedy, unbiased step is a bare argmax; conditionals return only i32[S]
+    # so XLA never copies the f32[S, V] logits in and out of a branch.
+    plain = ~(md.any_random | md.any_penalty | jnp.any(md.logit_bias_ids >= 0)
+              | jnp.any(md.suppress_ids >= 0))
+    token_ids = lax.cond(plain, lambda r: jnp.argmax(r, axis=-1).astype(jnp.int32),
+                         processed_ids, raw)  # i32[S]
 
     S = raw.shape[0]
     no_logprobs = TokenLogprobs(
