@@ -16,6 +16,7 @@ GGUF tensors are dequantised to float32, as `transformers` does.
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import json
 import logging
@@ -131,11 +132,10 @@ class ModelSource:
 
             kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
             if where.endswith(".gguf"):
-                folder, kwargs["gguf_file"] = os.path.split(os.path.abspath(where))
+                self._tokenizers[key] = _gguf_tokenizer(os.path.abspath(where), kwargs)
             else:
-                folder = where
                 kwargs["revision"] = revision
-            self._tokenizers[key] = AutoTokenizer.from_pretrained(folder, **kwargs)
+                self._tokenizers[key] = AutoTokenizer.from_pretrained(where, **kwargs)
         return self._tokenizers[key]
 
     def chat_template(self) -> str | None:
@@ -144,6 +144,30 @@ class ModelSource:
         if not template and self.format == "gguf":
             template = self._gguf_file().field("tokenizer.chat_template")
         return template or None
+
+
+def _gguf_tokenizer(path: str, kwargs: dict[str, Any]):
+    """The tokenizer of a GGUF file. Converting its vocabulary takes seconds, so the result is
+    saved once under `~/.cache/jaxserve/tokenizers` (keyed by the file's path, size and mtime)."""
+    from transformers import AutoTokenizer
+
+    st = os.stat(path)
+    key = hashlib.sha256(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "tokenizers", key)
+    if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
+        try:
+            return AutoTokenizer.from_pretrained(cached, **kwargs)
+        except (OSError, ValueError) as e:
+            logger.warning("ignoring the cached tokenizer at %s: %s", cached, e)
+    folder, name = os.path.split(path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, **kwargs)
+    try:
+        tmp = f"{cached}.tmp{os.getpid()}"
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cached)
+    except OSError as e:
+        logger.warning("could not cache the GGUF tokenizer at %s: %s", cached, e)
+    return tokenizer
 
 
 def resolve_model(
