@@ -1,15 +1,18 @@
 """The model runner: lays a scheduled step out as one padded ragged token stream and runs the
-single compiled step (forward, KV write, logits at each sequence's last token, sampling).
+compiled step: forward (KV write included), logits at each sequence's last token, then sampling
+on device; only sampled ids (and asked-for logprobs) come back to the host.
 
-Shapes come from one bucket axis: the token count T is padded to a bucket (powers of two), and the
-sequence count to S = min(T, max_num_seqs). Every bucket is compiled ahead of time at start-up, so
-a step can never trigger a compile: a shape outside the buckets is an error, not a slow request.
+Shapes come from the token count T, padded to a bucket (powers of two); the row count is
+S = min(T, max_num_seqs). Every bucket is compiled ahead of time at start-up, so a step can never
+trigger a compile: a shape outside the buckets is an error, not a slow request.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -29,12 +32,11 @@ from jaxserve.sampling_params import MAX_LOGPROBS
 logger = logging.getLogger(__name__)
 
 
-class StepInput(NamedTuple):
+class ForwardInput(NamedTuple):
     token_ids: jax.Array  # i32[T]
     positions: jax.Array  # i32[T]
     md: AttentionMetadata
     logits_indices: jax.Array  # i32[S] the last token of each sequence in the stream
-    sampling: SamplingMetadata
     prompt_next_ids: jax.Array  # i32[T] the prompt token each position predicts (prompt logprobs)
     want_prompt_logprobs: jax.Array  # bool[]
 
@@ -108,16 +110,19 @@ class ModelRunner:
                     "at max_model_len %d: %.2fx", self.num_pages, self.page_size, capacity,
                     self.num_pages * kv_bytes_per_page(model_config, self.page_size, dtype) / 2**30,
                     self.max_model_len, capacity / self.max_model_len)
-        self._jit = jax.jit(self._step, donate_argnums=(1,))
-        self._compiled: dict[int, object] = {}
+        self._jit_forward = jax.jit(self._forward, donate_argnums=(1,))
+        self._jit_sample = jax.jit(sample)
+        self._forward_exe: dict[int, object] = {}  # token bucket -> executable
+        self._sample_exe: dict[int, object] = {}  # row bucket -> executable
         self.num_steps = 0
 
-    # ---- compiled step -------------------------------------------------------------------
-    def _step(self, state, kv_cache, inp: StepInput):
+    # ---- compiled functions ----------------------------------------------------------------
+    # NOTE: two executables per step: the forward for the token bucket, and the sampler for the
+    # row bucket. The sampler is most of the compile time, and there are fewer row buckets.
+    def _forward(self, state, kv_cache, inp: ForwardInput):
         model = nnx.merge(self.graphdef, state)
         kv_cache, h = model(inp.token_ids, inp.positions, kv_cache, inp.md)
         logits = model.compute_logits(h[inp.logits_indices])  # f32[S, V]
-        sampled = sample(logits, inp.sampling)
         T = inp.token_ids.shape[0]
 
         def prompt_lp():
@@ -129,7 +134,7 @@ class ModelRunner:
                                   jnp.zeros((T, MAX_LOGPROBS), jnp.float32))
 
         prompt = jax.lax.cond(inp.want_prompt_logprobs, prompt_lp, no_prompt_lp)
-        return kv_cache, sampled, prompt
+        return kv_cache, logits, prompt
 
     def bucket_for(self, num_tokens: int) -> int:
         for b in self.buckets:
@@ -142,33 +147,48 @@ class ModelRunner:
         return min(bucket, self.max_num_seqs)
 
     def compile_all(self) -> None:
-        """Compile the step for every bucket, with a progress bar (skipped with enforce_eager)."""
+        """Compile every bucket ahead of time, with a progress bar (skipped with enforce_eager).
+
+        Tracing runs here; the XLA compiles run on a thread per core (they release the GIL).
+        """
         if self.enforce_eager:
             logger.info("--enforce-eager: buckets compile lazily on first use")
             return
         start = time.perf_counter()
-        for bucket in tqdm(self.buckets, desc="Compiling buckets", unit="bucket"):
-            inp = self._empty_input(bucket)
-            self._compiled[bucket] = self._jit.lower(self.state, self.kv_cache, inp).compile()
-        logger.info("compiled %d buckets %s in %.1f s", len(self.buckets), self.buckets,
+        rows = sorted({self.rows_for(b) for b in self.buckets})
+        jobs = []
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for bucket in self.buckets:
+                inp = self._empty_input(bucket)
+                lowered = self._jit_forward.lower(self.state, self.kv_cache, inp)
+                jobs.append((self._forward_exe, bucket, pool.submit(lowered.compile)))
+            vocab = self.cfg.vocab_size
+            for r in rows:
+                logits = jax.ShapeDtypeStruct((r, vocab), jnp.float32)
+                md = build_sampling_metadata([], r, self.eos_token_ids, self.max_model_len)
+                lowered = self._jit_sample.lower(logits, md)
+                jobs.append((self._sample_exe, r, pool.submit(lowered.compile)))
+            for table, key, future in tqdm(jobs, desc="Compiling buckets", unit="executable"):
+                table[key] = future.result()
+        logger.info("compiled %d token buckets %s and %d sampler row buckets %s in %.1f s",
+                    len(self.buckets), self.buckets, len(rows), rows,
                     time.perf_counter() - start)
 
     @property
     def num_compiled(self) -> int:
         """Executables compiled so far; constant after start-up unless enforce_eager."""
-        return len(self._compiled) + self._jit._cache_size()
+        return (len(self._forward_exe) + len(self._sample_exe) + self._jit_forward._cache_size()
+                + self._jit_sample._cache_size())
 
     # ---- host side ----------------------------------------------------------------------
-    def _empty_input(self, T: int) -> StepInput:
+    def _empty_input(self, T: int) -> ForwardInput:
         S = self.rows_for(T)
         md = AttentionMetadata(np.zeros(S, np.int32), np.zeros(S * self.pages_per_seq, np.int32),
                                np.zeros(S + 1, np.int32), np.zeros(3, np.int32))
-        return StepInput(np.zeros(T, np.int32), np.zeros(T, np.int32), md,
-                         np.zeros(S, np.int32),
-                         build_sampling_metadata([], S, self.eos_token_ids, self.max_model_len),
-                         np.zeros(T, np.int32), np.zeros((), np.bool_))
+        return ForwardInput(np.zeros(T, np.int32), np.zeros(T, np.int32), md,
+                            np.zeros(S, np.int32), np.zeros(T, np.int32), np.zeros((), np.bool_))
 
-    def prepare(self, out: SchedulerOutput) -> tuple[StepInput, int]:
+    def prepare(self, out: SchedulerOutput) -> tuple[ForwardInput, SamplingMetadata, int]:
         """Lay the scheduled sequences out as one padded token stream."""
         T = self.bucket_for(out.total_tokens)
         S = self.rows_for(T)
@@ -201,15 +221,16 @@ class ModelRunner:
         md = AttentionMetadata(kv_lens, page_table.reshape(-1), cu, distribution)
         logits_indices = np.maximum(cu[1:] - 1, 0).astype(np.int32)
         sampling = build_sampling_metadata(out.seqs, S, self.eos_token_ids, self.max_model_len)
-        inp = StepInput(token_ids, positions, md, logits_indices, sampling, prompt_next,
-                        np.asarray(want_prompt_lp))
-        return inp, T
+        inp = ForwardInput(token_ids, positions, md, logits_indices, prompt_next,
+                           np.asarray(want_prompt_lp))
+        return inp, sampling, T
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         """Run one scheduled step; returns the sampled tokens (and logprobs) on the host."""
-        inp, T = self.prepare(out)
-        fn = self._compiled.get(T, self._jit)
-        self.kv_cache, sampled, prompt = fn(self.state, self.kv_cache, inp)
+        inp, sampling, T = self.prepare(out)
+        forward = self._forward_exe.get(T, self._jit_forward)
+        self.kv_cache, logits, prompt = forward(self.state, self.kv_cache, inp)
+        sampled = self._sample_exe.get(self.rows_for(T), self._jit_sample)(logits, sampling)
         self.num_steps += 1
         n = len(out.seqs)
         sampled = SamplerOutput(*(np.asarray(x)[:n] for x in sampled))

@@ -185,7 +185,8 @@ class Scheduler:
                     skipped.append(self.waiting.popleft())  # wait for the parent's prefill
                     continue
                 bm.fork(parent, seq)
-            else:
+            elif seq.sampling_params.prompt_logprobs is None:
+                # NOTE: prompt logprobs need every prompt position computed: no prefix-cache hits.
                 computed_pages = bm.get_computed_pages(seq)
             num_computed = seq.num_computed_tokens + len(computed_pages) * bm.page_size
             remaining = seq.num_tokens - num_computed

@@ -52,16 +52,23 @@ class LLM:
                              "sampling params")
         if priority is not None and len(priority) != len(prompts):
             raise ValueError("priority must give one value per prompt")
-        order = []
-        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+        # Tokenize and validate everything first: a bad prompt must not leave the others queued.
+        requests = []
+        for prompt, params in zip(prompts, sampling_params):
             text, ids = self._tokenize(prompt)
+            self.engine.validate(ids, params)
             params = params.clone()
             params.output_kind = RequestOutputKind.FINAL_ONLY
-            request_id = str(next(self._ids))
-            self.engine.add_request(request_id, ids, params, prompt=text,
-                                    priority=priority[i] if priority else 0)
-            order.append(request_id)
-        return self._run(order, use_tqdm)
+            requests.append((str(next(self._ids)), text, ids, params))
+        try:
+            for i, (request_id, text, ids, params) in enumerate(requests):
+                self.engine.add_request(request_id, ids, params, prompt=text,
+                                        priority=priority[i] if priority else 0)
+        except BaseException:
+            for request_id, *_ in requests:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run([r[0] for r in requests], use_tqdm)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
