@@ -233,7 +233,13 @@ class ModelRunner:
         sampled = self._sample_exe.get(self.rows_for(T), self._jit_sample)(logits, sampling)
         self.num_steps += 1
         n = len(out.seqs)
-        sampled = SamplerOutput(*(np.asarray(x)[:n] for x in sampled))
-        prompt_np = PromptLogprobs(*(np.asarray(x) for x in prompt)) if bool(
-            inp.want_prompt_logprobs) else None
+        if bool(sampling.any_logprobs):
+            sampled = SamplerOutput(*(x[:n] for x in jax.device_get(sampled)))
+        else:  # the common case: only the token ids cross to the host
+            ids = np.asarray(sampled.token_ids)[:n]
+            sampled = SamplerOutput(ids, np.zeros(n, np.float32), np.zeros(n, np.int32),
+                                    np.zeros((n, MAX_LOGPROBS), np.int32),
+                                    np.zeros((n, MAX_LOGPROBS), np.float32))
+        prompt_np = (PromptLogprobs(*jax.device_get(prompt))
+                     if bool(inp.want_prompt_logprobs) else None)
         return StepResult(sampled, prompt_np)
