@@ -51,6 +51,8 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   if (cd[rank - 2] != 2 * K || cd[rank - 1] != H)
     return ffi::Error::InvalidArgument("kv_cache last dims must be (2K, H)");
   if (layer < 0 || layer >= num_layers) return ffi::Error::InvalidArgument("layer out of range");
+  if (page_size & (page_size - 1)) return ffi::Error::InvalidArgument("page size must be 2^k");
+  const int64_t page_shift = __builtin_ctzll(page_size), page_mask = page_size - 1;
   const int64_t S = kv_lens.dimensions()[0];
   const int64_t P = page_indices.dimensions()[0] / S;
 
@@ -81,8 +83,8 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   }
 
   auto slot_ptr = [&](int64_t s, int64_t pos) {
-    const int64_t page = pages[s * P + pos / page_size];
-    return layer_base + (page * page_size + pos % page_size) * row;
+    const int64_t page = pages[s * P + (pos >> page_shift)];
+    return layer_base + ((page << page_shift) + (pos & page_mask)) * row;
   };
 
   // 1. Write the new keys and values.
@@ -112,8 +114,12 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
       const int64_t heads = heads_per_item * G;  // query heads handled by this item
       scores.resize(heads * n);
       const float* qh = qp + (t * N + kh0 * G) * H;
-      for (int64_t j = 0; j < n; ++j) {
-        const float* keys = slot_ptr(s, lo + j) + kh0 * H;
+      // Walk the context page by page: no division per position.
+      const int32_t* table = pages + s * P;
+      for (int64_t j = 0, p = lo; p <= pos; ++j, ++p) {
+        const float* keys =
+            layer_base + ((int64_t{table[p >> page_shift]} << page_shift) + (p & page_mask)) * row +
+            kh0 * H;
         for (int64_t h = 0; h < heads; ++h) {
           float x = Dot(qh + h * H, keys + (h / G) * H, H) * sm_scale;
           if (soft_cap > 0.f) x = std::tanh(x / soft_cap) * soft_cap;
@@ -125,11 +131,13 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
         float m = sc[0];
         for (int64_t j = 1; j < n; ++j) m = std::max(m, sc[j]);
         float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < n; ++j) {
           sc[j] = std::exp(sc[j] - m);
           sum += sc[j];
         }
         const float inv = 1.f / sum;
+#pragma omp simd
         for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
       }
       float* oh = o + (t * N + kh0 * G) * H;
