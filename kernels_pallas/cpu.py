@@ -27,7 +27,8 @@ from jaxserve.kernels_pallas.ref import validate_inputs
 logger = logging.getLogger(__name__)
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "paged_attention_cpu.cc")
-_TARGET = "jaxserve_paged_attention_f32"
+_TARGETS = {"float32": ("jaxserve_paged_attention_f32", "JaxservePagedAttentionF32"),
+            "bfloat16": ("jaxserve_paged_attention_bf16", "JaxservePagedAttentionBF16")}
 # NOTE: -ffast-math lets GCC vectorise expf (glibc vector math) and the dot reductions; the
 # kernel never relies on inf or NaN (masked positions are never computed).
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -58,8 +59,9 @@ def _library() -> ctypes.CDLL:
                 raise RuntimeError(f"compiling the cpu attention kernel failed:\n{proc.stderr}")
             os.replace(out, path)  # atomic: concurrent processes never load a partial file
     lib = ctypes.cdll.LoadLibrary(path)
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JaxservePagedAttentionF32),
-                                platform="cpu")
+    for target, symbol in _TARGETS.values():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
     return lib
 
 
@@ -77,17 +79,20 @@ def available() -> bool:
 def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *,
                            sm_scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, layer: int | None = None):
-    """Same ABI as `ref.ragged_paged_attention`; float32 only; `layer` must be a Python int."""
+    """Same ABI as `ref.ragged_paged_attention`: float32 q/k/v, a float32 or bfloat16 cache;
+    `layer` must be a Python int."""
     validate_inputs(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution)
-    if kv_cache.dtype != jnp.float32 or q.dtype != jnp.float32:
-        raise ValueError(f"the cpu kernel takes float32, got {q.dtype=}, {kv_cache.dtype=}")
+    cache_dtype = jnp.dtype(kv_cache.dtype).name
+    if q.dtype != jnp.float32 or cache_dtype not in _TARGETS:
+        raise ValueError(f"the cpu kernel takes float32 q and a float32 or bfloat16 cache, got "
+                         f"{q.dtype=}, {kv_cache.dtype=}")
     if layer is not None and not isinstance(layer, (int, np.integer)):
         raise ValueError("the cpu kernel needs a static layer index")
     if sliding_window is not None and not isinstance(sliding_window, (int, np.integer)):
         raise ValueError("the cpu kernel needs a static sliding window")
     _library()
     call = jax.ffi.ffi_call(
-        _TARGET,
+        _TARGETS[cache_dtype][0],
         (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(kv_cache.shape, kv_cache.dtype)),
         input_output_aliases={3: 1},
     )

@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"default: input + output rounded up to a multiple of {PAGE}",
     )
     p.add_argument("--dtype", default="auto", help="jaxserve's --dtype (auto: float32 on CPU)")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="jaxserve's --kv-cache-dtype (auto: the compute dtype; bfloat16 halves "
+                        "the attention's bytes)")
     p.add_argument("--seed", type=int, default=0, help="for the prompts and the engines")
     p.add_argument(
         "--warmup",
@@ -178,6 +181,7 @@ def run_jaxserve(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, An
     llm = LLM(
         model=args.model,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len,
         seed=args.seed,
         max_num_seqs=args.max_num_seqs,
@@ -197,6 +201,7 @@ def run_jaxserve(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, An
     result = peers.run_benchmark(generate, spec)
     result.update(
         name="jaxserve", startup_s=startup, dtype=str(np.dtype(engine.dtype)),
+        kv_cache_dtype=str(np.dtype(engine.runner.kv_cache.dtype)),
         max_num_batched_tokens=engine.scheduler_config.max_num_batched_tokens,
         kv_pages=engine.runner.num_pages, buckets=list(engine.runner.buckets),
         recompiles=engine.runner.num_compiled - compiled,

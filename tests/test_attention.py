@@ -132,6 +132,26 @@ def test_stacked_cache_writes_only_its_layer(backend):
     np.testing.assert_array_equal(cache_s[2], stacked[2])
 
 
+@pytest.mark.parametrize("backend", _backends())
+def test_bfloat16_cache_matches_ref(backend):
+    """A bfloat16 cache: every backend stores the same rounded K/V and attends alike."""
+    rng = np.random.default_rng(2)
+    c = _case(rng, [1, 1, 9, 4], [9, 30, 9, 20], S=5)
+    cache = jnp.asarray(c["cache"]).astype(jnp.bfloat16)
+    args = (jnp.asarray(c["q"]), jnp.asarray(c["k"]), jnp.asarray(c["v"]), cache,
+            jnp.asarray(c["lens"]), jnp.asarray(c["pages"].reshape(-1)), jnp.asarray(c["cu"]),
+            jnp.asarray(c["dist"]))
+    want_out, want_cache = ragged_paged_attention(*args, sm_scale=0.25, backend="ref")
+    out, got_cache = jax.jit(lambda *a: ragged_paged_attention(
+        *a, sm_scale=0.25, backend=backend))(*args)
+    T = int(c["cu"][4])
+    np.testing.assert_allclose(np.asarray(out)[:T], np.asarray(want_out)[:T], atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got_cache, np.float32),
+                                  np.asarray(want_cache, np.float32))
+    oracle = _oracle(c, 0.25)
+    np.testing.assert_allclose(np.asarray(out)[:T], oracle[:T], atol=5e-2)
+
+
 def test_init_kv_cache_shape():
     cache = init_kv_cache(10, 16, 2, 64, jnp.float32, num_layers=3)
     assert cache.shape == (3, 10, 16, 4, 64)

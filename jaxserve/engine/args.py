@@ -36,6 +36,7 @@ class EngineArgs:
     disable_log_stats: bool = False
     # Cache.
     block_size: int | None = None
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype), float32, bfloat16
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -62,6 +63,9 @@ class EngineArgs:
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"--dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not implemented yet; "
+                             "use auto, float32 or bfloat16")
         parallel = (self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size)
         if parallel != (1, 1, 1) or self.enable_expert_parallel:
             raise ValueError("tensor/pipeline/data/expert parallelism is not implemented yet; "
@@ -78,6 +82,12 @@ class EngineArgs:
         if jax.default_backend() == "cpu":
             return jnp.float32
         return _DTYPES.get(model_config.checkpoint_dtype, jnp.bfloat16)
+
+    def resolve_kv_cache_dtype(self, dtype):
+        """`--kv-cache-dtype`: auto is the compute dtype."""
+        if self.kv_cache_dtype == "auto":
+            return dtype
+        return _DTYPES[self.kv_cache_dtype]
 
     def resolve_attention_backend(self, dtype) -> str:
         """`--attention-backend`, or the fastest available for the platform and dtype."""

@@ -71,7 +71,8 @@ class LLMEngine:
         model = load_model(source, cfg, self.dtype, args.load_format, args.seed,
                            attention_backend=self.attention_backend)
         self.runner = ModelRunner(model, cfg, self.cache_config, self.scheduler_config, self.dtype,
-                                  enforce_eager=args.enforce_eager)
+                                  enforce_eager=args.enforce_eager,
+                                  kv_cache_dtype=args.resolve_kv_cache_dtype(self.dtype))
         self.runner.compile_all()
         self.block_manager = BlockManager(self.runner.num_pages, self.cache_config.block_size,
                                           self.cache_config.enable_prefix_caching,

@@ -89,13 +89,15 @@ class ModelRunner:
     """Owns the device state (parameters, KV cache) and the compiled step for every bucket."""
 
     def __init__(self, model: nnx.Module, model_config: ModelConfig, cache_config: CacheConfig,
-                 scheduler_config: SchedulerConfig, dtype, *, enforce_eager: bool = False):
+                 scheduler_config: SchedulerConfig, dtype, *, enforce_eager: bool = False,
+                 kv_cache_dtype=None):
         self.cfg = model_config
         self.page_size = cache_config.block_size
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_model_len = scheduler_config.max_model_len
         self.pages_per_seq = -(-self.max_model_len // self.page_size)
-        self.num_pages = num_kv_pages(model_config, cache_config, scheduler_config, dtype)
+        kv_dtype = kv_cache_dtype or dtype
+        self.num_pages = num_kv_pages(model_config, cache_config, scheduler_config, kv_dtype)
         self.eos_token_ids = tuple(model_config.eos_token_ids)
         min_bucket = 1 if jax.default_backend() == "cpu" else 16
         self.buckets = token_buckets(scheduler_config.max_num_batched_tokens, min_bucket)
@@ -103,12 +105,14 @@ class ModelRunner:
 
         self.graphdef, self.state = nnx.split(model)
         self.kv_cache = init_kv_cache(self.num_pages, self.page_size, model_config.num_kv_heads,
-                                      model_config.head_dim, dtype,
+                                      model_config.head_dim, kv_dtype,
                                       num_layers=model_config.num_layers)
         capacity = self.num_pages * self.page_size
-        logger.info("KV cache: %d pages of %d tokens = %d tokens (%.2f GiB); maximum concurrency "
-                    "at max_model_len %d: %.2fx", self.num_pages, self.page_size, capacity,
-                    self.num_pages * kv_bytes_per_page(model_config, self.page_size, dtype) / 2**30,
+        logger.info("KV cache: %d pages of %d tokens = %d tokens (%.2f GiB, %s); maximum "
+                    "concurrency at max_model_len %d: %.2fx", self.num_pages, self.page_size,
+                    capacity,
+                    self.num_pages * kv_bytes_per_page(model_config, self.page_size, kv_dtype)
+                    / 2**30, jnp.dtype(kv_dtype).name,
                     self.max_model_len, capacity / self.max_model_len)
         self._jit_forward = jax.jit(self._forward, donate_argnums=(1,))
         self._jit_sample = jax.jit(sample)

@@ -3,8 +3,9 @@
 // Same contract as the pure-jnp reference (kernels_pallas/ref.py): the step's tokens form one
 // ragged stream; sequence s owns tokens cu_q_lens[s]..cu_q_lens[s+1], the last q_len positions of
 // its kv_lens[s] context. New K/V are written into their pages first, then every token attends
-// causally to its sequence's pages. The cache f32[L, pages, page_size, 2K, H] (keys in heads
-// [0, K), values in [K, 2K)) is aliased to the second output and updated in place.
+// causally to its sequence's pages. The cache [L, pages, page_size, 2K, H] (keys in heads
+// [0, K), values in [K, 2K)), float32 or bfloat16, is aliased to the second output and updated in
+// place; q, k, v and the arithmetic are float32.
 //
 // Work is split over tokens (or token and KV head) with OpenMP; each cached key and value is read
 // once for all G = N / K query heads of its group: decode is bound by memory, not FLOPs.
@@ -21,24 +22,44 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+// Cache elements: float, or bfloat16 stored as its upper 16 bits (uint16_t).
+inline float Load(float x) { return x; }
+inline float Load(uint16_t x) {
+  uint32_t bits = uint32_t{x} << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline void Store(float x, float* dst) { *dst = x; }
+inline void Store(float x, uint16_t* dst) {  // round to nearest even, as XLA converts
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  *dst = static_cast<uint16_t>(bits >> 16);
+}
+
+template <typename C>
+inline float Dot(const float* __restrict a, const C* __restrict b, int64_t n) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * Load(b[i]);
   return acc;
 }
 
-inline void Axpy(float w, const float* __restrict x, float* __restrict y, int64_t n) {
+template <typename C>
+inline void Axpy(float w, const C* __restrict x, float* __restrict y, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+  for (int64_t i = 0; i < n; ++i) y[i] += w * Load(x[i]);
 }
 
+template <ffi::DataType CT>
 ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> cache_in,
+                          ffi::Buffer<ffi::F32> v, ffi::Buffer<CT> cache_in,
                           ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> page_indices,
                           ffi::Buffer<ffi::S32> cu_q_lens, ffi::Buffer<ffi::S32> distribution,
-                          ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> cache_out,
+                          ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<CT> cache_out,
                           float sm_scale, int32_t sliding_window, float soft_cap, int64_t layer) {
+  using C = ffi::NativeType<CT>;
   const auto qd = q.dimensions();
   const auto cd = cache_in.dimensions();
   const int64_t T = qd[0], N = qd[1], H = qd[2];
@@ -56,7 +77,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   const int64_t S = kv_lens.dimensions()[0];
   const int64_t P = page_indices.dimensions()[0] / S;
 
-  float* cache = cache_out->typed_data();
+  C* cache = cache_out->typed_data();
   if (cache != cache_in.typed_data()) {
     std::memcpy(cache, cache_in.typed_data(), cache_in.size_bytes());
   }
@@ -69,7 +90,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   const int64_t num_seqs = std::min<int64_t>(distribution.typed_data()[2], S);
   float* o = out->typed_data();
   const int64_t row = 2 * K * H;  // floats per cached token
-  float* layer_base = cache + layer * num_pages * page_size * row;
+  C* layer_base = cache + layer * num_pages * page_size * row;
   const int64_t num_tokens = num_seqs > 0 ? cu[num_seqs] : 0;
 
   // Token -> sequence and position, once.
@@ -90,9 +111,9 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   // 1. Write the new keys and values.
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < num_tokens; ++t) {
-    float* dst = slot_ptr(seq_of[t], pos_of[t]);
-    std::memcpy(dst, kp + t * K * H, K * H * sizeof(float));
-    std::memcpy(dst + K * H, vp + t * K * H, K * H * sizeof(float));
+    C* dst = slot_ptr(seq_of[t], pos_of[t]);
+    for (int64_t i = 0; i < K * H; ++i) Store(kp[t * K * H + i], dst + i);
+    for (int64_t i = 0; i < K * H; ++i) Store(vp[t * K * H + i], dst + K * H + i);
   }
 
   // 2. Attend. A work item is one token and a run of its KV heads: all K heads when there are
@@ -117,7 +138,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
       // Walk the context page by page: no division per position.
       const int32_t* table = pages + s * P;
       for (int64_t j = 0, p = lo; p <= pos; ++j, ++p) {
-        const float* keys =
+        const C* keys =
             layer_base + ((int64_t{table[p >> page_shift]} << page_shift) + (p & page_mask)) * row +
             kh0 * H;
         for (int64_t h = 0; h < heads; ++h) {
@@ -142,7 +163,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
       }
       float* oh = o + (t * N + kh0 * G) * H;
       for (int64_t j = 0; j < n; ++j) {
-        const float* vals = slot_ptr(s, lo + j) + (K + kh0) * H;
+        const C* vals = slot_ptr(s, lo + j) + (K + kh0) * H;
         for (int64_t h = 0; h < heads; ++h) Axpy(scores[h * n + j], vals + (h / G) * H, oh + h * H, H);
       }
     }
@@ -152,19 +173,24 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedAttentionF32, PagedAttention,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // kv_cache
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // page_indices
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // cu_q_lens
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // distribution
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // kv_cache (aliased)
-                                  .Attr<float>("sm_scale")
-                                  .Attr<int32_t>("sliding_window")
-                                  .Attr<float>("soft_cap")
-                                  .Attr<int64_t>("layer"));
+#define JAXSERVE_BIND(CT)                                                       \
+  ffi::Ffi::Bind()                                                              \
+      .Arg<ffi::Buffer<ffi::F32>>() /* q */                                     \
+      .Arg<ffi::Buffer<ffi::F32>>() /* k */                                     \
+      .Arg<ffi::Buffer<ffi::F32>>() /* v */                                     \
+      .Arg<ffi::Buffer<CT>>()       /* kv_cache */                              \
+      .Arg<ffi::Buffer<ffi::S32>>() /* kv_lens */                               \
+      .Arg<ffi::Buffer<ffi::S32>>() /* page_indices */                          \
+      .Arg<ffi::Buffer<ffi::S32>>() /* cu_q_lens */                             \
+      .Arg<ffi::Buffer<ffi::S32>>() /* distribution */                          \
+      .Ret<ffi::Buffer<ffi::F32>>() /* out */                                   \
+      .Ret<ffi::Buffer<CT>>()       /* kv_cache, aliased */                     \
+      .Attr<float>("sm_scale")                                                  \
+      .Attr<int32_t>("sliding_window")                                          \
+      .Attr<float>("soft_cap")                                                  \
+      .Attr<int64_t>("layer")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedAttentionF32, PagedAttention<ffi::F32>,
+                              JAXSERVE_BIND(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedAttentionBF16, PagedAttention<ffi::BF16>,
+                              JAXSERVE_BIND(ffi::BF16));
