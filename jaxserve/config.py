@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,7 +210,3 @@ class SchedulerConfig:
             raise ValueError(f"--scheduling-policy must be fcfs or priority, got {self.policy=}")
         if self.max_num_partial_prefills < 1 or self.max_long_partial_prefills < 1:
             raise ValueError("--max-num-partial-prefills and --max-long-partial-prefills must be >= 1")
-
-
-def next_power_of_2(x: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, x))))

@@ -6,7 +6,6 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp

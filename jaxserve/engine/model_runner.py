@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig, next_power_of_2
+from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from jaxserve.engine.sampler import SamplerOutput, SamplingMetadata, compute_logprobs, sample
 from jaxserve.engine.sampling_metadata import build_sampling_metadata
 from jaxserve.engine.scheduler import SchedulerOutput
