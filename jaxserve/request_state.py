@@ -134,11 +134,6 @@ class RequestState:
                              num_cached_tokens=self.metrics.num_cached_tokens,
                              metrics=self.metrics)
 
-    def abort(self) -> None:
-        for c in self.completions:
-            if c.finish_reason is None:
-                c.finish_reason = FinishReason.ABORT
-
 
 def _logprob_dict(tokenizer, token: int, logprob: float, rank, top_ids: np.ndarray,
                   top_lps: np.ndarray, k: int) -> dict[int, Logprob]:

@@ -50,7 +50,6 @@ class AsyncLLMEngine:
         """
         if self.dead_error is not None:
             raise EngineDeadError("the engine loop has stopped") from self.dead_error
-        self.engine.validate(prompt_token_ids, params)
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, stream)

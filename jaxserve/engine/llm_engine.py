@@ -80,7 +80,6 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self._rng = random.Random(args.seed)
         self.stats = StatLogger(enabled=not args.disable_log_stats)
-        self._num_sampled = 0
         logger.info("engine ready in %.1f s (compilation cache: %s)",
                     time.perf_counter() - start, cache_dir)
 
@@ -142,20 +141,21 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         if out.is_empty:
-            return self._postprocess(out, None)
+            return self._postprocess(out, None)[0]
         result = self.runner.execute(out)
         self.scheduler.update_from_output(out)
-        self._num_sampled = 0
-        outputs = self._postprocess(out, result)
-        self.stats.record(out.total_tokens - out.num_decodes, self._num_sampled,
+        outputs, num_sampled = self._postprocess(out, result)
+        self.stats.record(out.total_tokens - out.num_decodes, num_sampled,
                           running=self.scheduler.num_running, waiting=self.scheduler.num_waiting,
                           kv_usage=self.block_manager.usage,
                           prefix_hit_rate=self.block_manager.prefix_cache_hit_rate)
         return outputs
 
     def _postprocess(self, out: SchedulerOutput,
-                     result: StepResult | None) -> list[RequestOutput]:
+                     result: StepResult | None) -> tuple[list[RequestOutput], int]:
+        """Append sampled tokens and build outputs; also returns how many tokens were sampled."""
         now = time.time()
+        num_sampled = 0
         touched: dict[str, RequestState] = {}
         for seq in out.ignored:  # the scheduler gave up on these: they can never fit the pool
             state = self.requests.get(seq.request_id)
@@ -171,7 +171,7 @@ class LLMEngine:
             offset += n
             if state is None or seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prefill chunk that did not reach the last prompt token
-            self._num_sampled += 1
+            num_sampled += 1
             reason = state.append_token(seq, row, result.sampled, self.tokenizer,
                                         self.model_config.eos_token_ids, self.max_model_len, now)
             if reason is not None:
@@ -185,7 +185,7 @@ class LLMEngine:
             if state.finished:
                 state.metrics.finished_time = now
                 del self.requests[request_id]
-        return outputs
+        return outputs, num_sampled
 
     def abort_all(self) -> None:
         for request_id in list(self.requests):

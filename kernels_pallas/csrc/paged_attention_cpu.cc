@@ -135,12 +135,8 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
       const int64_t heads = heads_per_item * G;  // query heads handled by this item
       scores.resize(heads * n);
       const float* qh = qp + (t * N + kh0 * G) * H;
-      // Walk the context page by page: no division per position.
-      const int32_t* table = pages + s * P;
       for (int64_t j = 0, p = lo; p <= pos; ++j, ++p) {
-        const C* keys =
-            layer_base + ((int64_t{table[p >> page_shift]} << page_shift) + (p & page_mask)) * row +
-            kh0 * H;
+        const C* keys = slot_ptr(s, p) + kh0 * H;
         for (int64_t h = 0; h < heads; ++h) {
           float x = Dot(qh + h * H, keys + (h / G) * H, H) * sm_scale;
           if (soft_cap > 0.f) x = std::tanh(x / soft_cap) * soft_cap;
