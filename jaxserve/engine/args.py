@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from jaxserve.sampling_params import MAX_LOGPROBS
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,14 @@ class EngineArgs:
     chat_template: str | None = None
     trust_remote_code: bool = False
     disable_log_stats: bool = False
+    # Most top logprobs a request may ask for (the compiled sampler returns up to 20).
+    max_logprobs: int = 20
+    # Keys laid over the model's config.json (vLLM's --hf-overrides, --rope-theta, --rope-scaling).
+    hf_overrides: dict[str, Any] | None = None
+    # Default sampling parameters: "auto" reads the model's generation_config.json, "vllm" uses
+    # vLLM's neutral defaults, a folder reads that folder's file; override_generation_config wins.
+    generation_config: str = "auto"
+    override_generation_config: dict[str, Any] | None = None
     # Cache.
     block_size: int | None = None
     kv_cache_dtype: str = "auto"  # auto (the model's dtype), float32, bfloat16
@@ -54,6 +64,8 @@ class EngineArgs:
     # Compilation.
     enforce_eager: bool = False
     compilation_cache_dir: str | None = None
+    # Token-count buckets to compile (vLLM's cudagraph capture sizes); None: powers of two.
+    compile_sizes: tuple[int, ...] | None = None
     # Parallelism (single device for now; the parallelism issue maps these onto a mesh).
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -66,6 +78,17 @@ class EngineArgs:
         if self.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not implemented yet; "
                              "use auto, float32 or bfloat16")
+        if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"--max-logprobs must be in [0, {MAX_LOGPROBS}] (the compiled sampler "
+                             f"returns at most {MAX_LOGPROBS}), got {self.max_logprobs}")
+        if self.compile_sizes is not None and (
+                not self.compile_sizes or any(int(s) < 1 for s in self.compile_sizes)):
+            raise ValueError(f"compile sizes must be positive token counts, got "
+                             f"{self.compile_sizes}")
+        if self.generation_config not in ("auto", "vllm") and not os.path.isdir(
+                self.generation_config):
+            raise ValueError(f"--generation-config must be auto, vllm or a folder, got "
+                             f"{self.generation_config!r}")
         parallel = (self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size)
         if parallel != (1, 1, 1) or self.enable_expert_parallel:
             raise ValueError("tensor/pipeline/data/expert parallelism is not implemented yet; "

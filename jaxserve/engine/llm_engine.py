@@ -48,6 +48,10 @@ class LLMEngine:
         source = resolve_model(args.model, download_dir=args.download_dir, revision=args.revision,
                                tokenizer=args.tokenizer)
         self.model_name = args.served_model_name or source.name
+        self.model_path = source.path
+        if args.hf_overrides:
+            source.hf_config.update(args.hf_overrides)
+            logger.info("config.json overridden with %s", args.hf_overrides)
         cfg = ModelConfig.from_hf(source.hf_config)
         max_model_len = args.max_model_len or cfg.max_position_embeddings
         if max_model_len > cfg.max_position_embeddings:
@@ -71,7 +75,8 @@ class LLMEngine:
                            attention_backend=self.attention_backend)
         self.runner = ModelRunner(model, cfg, self.cache_config, self.scheduler_config, self.dtype,
                                   enforce_eager=args.enforce_eager,
-                                  kv_cache_dtype=args.resolve_kv_cache_dtype(self.dtype))
+                                  kv_cache_dtype=args.resolve_kv_cache_dtype(self.dtype),
+                                  compile_sizes=args.compile_sizes)
         self.runner.compile_all()
         self.block_manager = BlockManager(self.runner.num_pages, self.cache_config.block_size,
                                           self.cache_config.enable_prefix_caching,
@@ -80,6 +85,7 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self._rng = random.Random(args.seed)
         self.stats = StatLogger(enabled=not args.disable_log_stats)
+        self.default_sampling_params = _default_sampling_params(args, source)
         logger.info("engine ready in %.1f s (compilation cache: %s)",
                     time.perf_counter() - start, cache_dir)
 
@@ -128,6 +134,11 @@ class LLMEngine:
             raise ValueError(f"the prompt ({n} tokens) needs {pages_needed} KV pages, more than "
                              f"the {self.runner.num_pages} the cache holds")
         params.verify_vocab(vocab)
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.args.max_logprobs:
+                raise ValueError(f"{name}={k} is above the server's --max-logprobs "
+                                 f"{self.args.max_logprobs}")
 
     def abort_request(self, request_id: str) -> None:
         state = self.requests.pop(request_id, None)
@@ -190,6 +201,34 @@ class LLMEngine:
     def abort_all(self) -> None:
         for request_id in list(self.requests):
             self.abort_request(request_id)
+
+
+# The generation_config.json keys that become default sampling parameters (as in vLLM).
+_GENERATION_KEYS = {"repetition_penalty": "repetition_penalty", "temperature": "temperature",
+                    "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                    "max_new_tokens": "max_tokens"}
+
+
+def _default_sampling_params(args: EngineArgs, source) -> dict:
+    """Sampling defaults for requests that leave a field unset: the model's generation config
+    (`--generation-config auto` or a folder), then `--override-generation-config` on top."""
+    found: dict = {}
+    if args.generation_config != "vllm":
+        folder = args.generation_config if args.generation_config != "auto" else (
+            source.path if os.path.isdir(source.path) else None)
+        path = os.path.join(folder, "generation_config.json") if folder else None
+        if path and os.path.isfile(path):
+            import json
+
+            with open(path) as f:
+                found = json.load(f)
+    found.update(args.override_generation_config or {})
+    defaults = {ours: found[theirs] for theirs, ours in _GENERATION_KEYS.items()
+                if found.get(theirs) is not None}
+    if defaults:
+        logger.info("default sampling parameters from the generation config: %s (use "
+                    "--generation-config vllm to ignore it)", defaults)
+    return defaults
 
 
 def _read_chat_template(value: str | None) -> str | None:

@@ -55,7 +55,11 @@ class StepResult(NamedTuple):
     prompt: PromptLogprobs | None  # numpy, rows = stream tokens; None unless asked for
 
 
-def token_buckets(max_tokens: int, min_bucket: int) -> list[int]:
+def token_buckets(max_tokens: int, min_bucket: int,
+                  sizes: tuple[int, ...] | None = None) -> list[int]:
+    """Powers of two from `min_bucket`, or the given sizes, always ending at `max_tokens`."""
+    if sizes:
+        return sorted({int(s) for s in sizes if int(s) < max_tokens} | {max_tokens})
     buckets, b = [], min_bucket
     while b < max_tokens:
         buckets.append(b)
@@ -90,7 +94,7 @@ class ModelRunner:
 
     def __init__(self, model: nnx.Module, model_config: ModelConfig, cache_config: CacheConfig,
                  scheduler_config: SchedulerConfig, dtype, *, enforce_eager: bool = False,
-                 kv_cache_dtype=None):
+                 kv_cache_dtype=None, compile_sizes: tuple[int, ...] | None = None):
         self.cfg = model_config
         self.page_size = cache_config.block_size
         self.max_num_seqs = scheduler_config.max_num_seqs
@@ -100,7 +104,8 @@ class ModelRunner:
         self.num_pages = num_kv_pages(model_config, cache_config, scheduler_config, kv_dtype)
         self.eos_token_ids = tuple(model_config.eos_token_ids)
         min_bucket = 1 if jax.default_backend() == "cpu" else 16
-        self.buckets = token_buckets(scheduler_config.max_num_batched_tokens, min_bucket)
+        self.buckets = token_buckets(scheduler_config.max_num_batched_tokens, min_bucket,
+                                     compile_sizes)
         self.enforce_eager = enforce_eager
 
         self.graphdef, self.state = nnx.split(model)
