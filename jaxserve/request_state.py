@@ -26,6 +26,7 @@ class _Completion:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     sent_final: bool = False
+    last_token_time: float | None = None
 
 
 @dataclass

@@ -97,7 +97,7 @@ class AsyncLLMEngine:
                 try:
                     self.engine.add_request(request_id, ids, params, prompt=prompt,
                                             priority=priority)
-                except ValueError as e:
+                except Exception as e:  # noqa: BLE001 - a bad request must not stop the loop
                     error = e
                 reply.get_loop().call_soon_threadsafe(reply.set_result, error)
             elif cmd[0] == "abort":
@@ -108,6 +108,7 @@ class AsyncLLMEngine:
             while not self._stopped:
                 self._handle_commands()
                 if not self.engine.has_unfinished_requests():
+                    self.engine.record_metrics()  # aborts may have freed pages
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     continue

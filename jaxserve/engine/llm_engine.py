@@ -18,6 +18,7 @@ from jaxserve.engine.model_runner import ModelRunner, StepResult
 from jaxserve.engine.scheduler import Scheduler, SchedulerOutput
 from jaxserve.engine.sequence import FinishReason, Sequence
 from jaxserve.engine.stats import StatLogger
+from jaxserve.metrics import Metrics
 from jaxserve.models.loader import load_model
 from jaxserve.models.source import resolve_model
 from jaxserve.outputs import RequestMetrics, RequestOutput
@@ -86,6 +87,8 @@ class LLMEngine:
         self._rng = random.Random(args.seed)
         self.stats = StatLogger(enabled=not args.disable_log_stats)
         self.default_sampling_params = _default_sampling_params(args, source)
+        # Set by the server: Prometheus metrics recorded from the engine thread.
+        self.metrics: Metrics | None = None
         logger.info("engine ready in %.1f s (compilation cache: %s)",
                     time.perf_counter() - start, cache_dir)
 
@@ -144,6 +147,8 @@ class LLMEngine:
         state = self.requests.pop(request_id, None)
         if state is not None:
             self.scheduler.abort(request_id)
+            if self.metrics is not None:
+                self._record_finished(state, "abort", time.time())
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -160,7 +165,19 @@ class LLMEngine:
                           running=self.scheduler.num_running, waiting=self.scheduler.num_waiting,
                           kv_usage=self.block_manager.usage,
                           prefix_hit_rate=self.block_manager.prefix_cache_hit_rate)
+        self.record_metrics(out.total_tokens - out.num_decodes, num_sampled)
         return outputs
+
+    def record_metrics(self, prompt_tokens: int = 0, generation_tokens: int = 0) -> None:
+        """Update the Prometheus metrics (if any): after a step, or after aborts when idle."""
+        if self.metrics is None:
+            return
+        bm = self.block_manager
+        self.metrics.record_step(
+            prompt_tokens=prompt_tokens, generation_tokens=generation_tokens,
+            running=self.scheduler.num_running, waiting=self.scheduler.num_waiting,
+            kv_usage=bm.usage, prefix_queries=bm.prefix_cache_queries,
+            prefix_hits=bm.prefix_cache_hits, preemptions=self.scheduler.total_preemptions)
 
     def _postprocess(self, out: SchedulerOutput,
                      result: StepResult | None) -> tuple[list[RequestOutput], int]:
@@ -185,6 +202,10 @@ class LLMEngine:
             num_sampled += 1
             reason = state.append_token(seq, row, result.sampled, self.tokenizer,
                                         self.model_config.eos_token_ids, self.max_model_len, now)
+            c = state.completions[seq.index]
+            if self.metrics is not None and (c.last_token_time is not None or seq.index == 0):
+                self.metrics.record_token(state.metrics.arrival_time, c.last_token_time, now)
+            c.last_token_time = now
             if reason is not None:
                 self.scheduler.finish(seq, reason)
             touched[seq.request_id] = state
@@ -196,7 +217,14 @@ class LLMEngine:
             if state.finished:
                 state.metrics.finished_time = now
                 del self.requests[request_id]
+                if self.metrics is not None:
+                    self._record_finished(state, state.completions[0].finish_reason.value, now)
         return outputs, num_sampled
+
+    def _record_finished(self, state: RequestState, reason: str, now: float) -> None:
+        self.metrics.record_finished(reason, state.metrics.arrival_time, now,
+                                     len(state.prompt_token_ids),
+                                     sum(c.seq.num_output_tokens for c in state.completions))
 
     def abort_all(self) -> None:
         for request_id in list(self.requests):

@@ -1,0 +1,506 @@
+"""The OpenAI-compatible HTTP server: Starlette routes over the async engine, run by uvicorn.
+
+`run_server(ns)` is `jaxserve serve`: it binds the port first (a taken port fails in a second,
+not after the model loads), builds the engine (weights, compiled buckets), then serves until
+SIGTERM/SIGINT, letting in-flight requests finish for up to `--shutdown-timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import importlib
+import inspect
+import json
+import logging
+import os
+import socket
+import uuid
+from argparse import Namespace
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pydantic
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from jaxserve import __version__
+from jaxserve.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from jaxserve.entrypoints.openai import protocol
+from jaxserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest,
+                                                  DetokenizeRequest, DetokenizeResponse,
+                                                  ModelCard, ModelList, TokenizeChatRequest,
+                                                  TokenizeCompletionRequest, TokenizeResponse,
+                                                  random_id)
+from jaxserve.entrypoints.openai.serving import RequestError, ServingOptions
+from jaxserve.entrypoints.openai.serving_chat import OpenAIServingChat
+from jaxserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from jaxserve.metrics import Metrics
+
+logger = logging.getLogger("jaxserve.server")
+
+# Paths that answer without an API key.
+_OPEN_PATHS = {"/health", "/ping", "/version", "/metrics", "/openapi.json", "/docs"}
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+def error_body(message: str, status: int, *, type_: str | None = None, param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    if type_ is None:
+        type_ = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+                 503: "service_unavailable"}.get(
+            status, "invalid_request_error" if status < 500 else "internal_error")
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(e: RequestError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.status, type_=e.type, param=e.param,
+                                   code=e.code), status_code=e.status)
+
+
+def _validation_error(e: pydantic.ValidationError) -> RequestError:
+    first = e.errors()[0] if e.errors() else {}
+    loc = ".".join(str(x) for x in first.get("loc", ()) if x not in ("body",))
+    msg = first.get("msg", str(e))
+    return RequestError(f"{loc}: {msg}" if loc else msg, param=loc or None)
+
+
+async def _parse(request: Request, model: type[pydantic.BaseModel]):
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RequestError("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object.")
+    try:
+        parsed = model.model_validate(body)
+    except pydantic.ValidationError as e:
+        raise _validation_error(e) from None
+    if parsed.model_extra:
+        logger.warning("ignored unknown request fields: %s", sorted(parsed.model_extra))
+    return parsed
+
+
+# ---- disconnects ------------------------------------------------------------------------------------
+async def _wait_for_disconnect(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+    """Run `work`; if the client goes away first, cancel it (aborting its engine requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=499)
+
+
+class _SSEResponse(StreamingResponse):
+    """Server-sent events that stop (and abort the request) as soon as the client leaves."""
+
+    def __init__(self, payloads: AsyncIterator[str], headers: dict[str, str] | None = None):
+        super().__init__(_sse(payloads), media_type="text/event-stream", headers=headers)
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def never():  # the watcher below owns `receive`
+            await asyncio.Event().wait()
+
+        stream = asyncio.ensure_future(super().__call__(scope, never, send))
+        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        done, _ = await asyncio.wait({stream, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if stream in done:
+            watcher.cancel()
+            stream.result()
+            return
+        stream.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await stream
+
+
+async def _sse(payloads: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`data: ...` events, then `data: [DONE]`; a failure mid-stream is an error event first."""
+    try:
+        async for payload in payloads:
+            yield f"data: {payload}\n\n"
+    except RequestError as e:
+        yield f"data: {json.dumps(error_body(e.message, e.status, type_=e.type))}\n\n"
+    except ValueError as e:
+        yield f"data: {json.dumps(error_body(str(e), 400))}\n\n"
+    except EngineDeadError:
+        logger.exception("engine failure during a stream")
+        yield f"data: {json.dumps(error_body('The engine has stopped.', 500))}\n\n"
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported to the client, the server carries on
+        logger.exception("failure during a stream")
+        yield f"data: {json.dumps(error_body(f'internal error: {e}', 500))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# ---- middleware -------------------------------------------------------------------------------------
+class _AuthMiddleware:
+    """`Authorization: Bearer <key>` on every path but health, metrics and docs."""
+
+    def __init__(self, app, keys: list[str]):
+        self.app, self.keys = app, [f"Bearer {k}".encode() for k in keys]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        root = scope.get("root_path") or ""
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        if path in _OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = (Headers(scope=scope).get("authorization") or "").encode()
+        if not any(hmac.compare_digest(given, k) for k in self.keys):
+            response = JSONResponse(error_body("Invalid or missing API key.", 401,
+                                               code="invalid_api_key"), status_code=401)
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class _RequestIdMiddleware:
+    """`--enable-request-id-headers`: every response carries X-Request-Id (the client's, if sent)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Request-Id"] = request_id
+            await send(message)
+
+        return await self.app(scope, receive, send_with_id)
+
+
+def _user_middleware(path: str) -> Middleware:
+    """`--middleware module.name`: an ASGI middleware class, or an async function
+    `(request, call_next) -> response` (FastAPI's HTTP-middleware form)."""
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"--middleware {path!r}: give an import path, module.name")
+    obj = getattr(importlib.import_module(module_name), attr)
+    if inspect.isclass(obj):
+        return Middleware(obj)
+    if inspect.iscoroutinefunction(obj):
+        return Middleware(BaseHTTPMiddleware, dispatch=obj)
+    raise ValueError(f"--middleware {path!r} is neither a class nor an async function")
+
+
+# ---- the app ---------------------------------------------------------------------------------------
+def _opt(ns: Namespace, name: str, default=None):
+    value = getattr(ns, name, default)
+    return default if value is None else value
+
+
+def served_model_names(ns: Namespace, engine_model_name: str) -> list[str]:
+    names = _opt(ns, "served_model_name")
+    if isinstance(names, str):
+        names = [names]
+    return list(names) if names else [engine_model_name]
+
+
+def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
+    """The Starlette app for this engine and these frontend flags."""
+    core = engine.engine
+    names = served_model_names(ns, core.model_name)
+    options = ServingOptions(
+        served_model_names=names, response_role=_opt(ns, "response_role", "assistant"),
+        return_tokens_as_token_ids=bool(_opt(ns, "return_tokens_as_token_ids", False)),
+        enable_prompt_tokens_details=bool(_opt(ns, "enable_prompt_tokens_details", False)),
+        enable_force_include_usage=bool(_opt(ns, "enable_force_include_usage", False)),
+        chat_template_content_format=_opt(ns, "chat_template_content_format", "auto"),
+        enable_log_requests=bool(_opt(ns, "enable_log_requests", False)),
+        max_log_len=_opt(ns, "max_log_len"))
+    chat_template = None
+    if _opt(ns, "chat_template"):
+        from jaxserve.engine.llm_engine import _read_chat_template
+
+        chat_template = _read_chat_template(ns.chat_template)
+    completions = OpenAIServingCompletion(engine, options)
+    chat = OpenAIServingChat(engine, options, chat_template=chat_template)
+    if core.metrics is None:
+        core.metrics = Metrics(names[0])
+    metrics = core.metrics
+    load = {"in_flight": 0}
+
+    def base_id(request: Request, body_id: str | None, prefix: str) -> str:
+        return f"{prefix}-{body_id or request.headers.get('x-request-id') or uuid.uuid4().hex}"
+
+    def engine_id(request_id: str) -> str:
+        # Unique inside the engine even when clients reuse an X-Request-Id.
+        return f"{request_id}-{uuid.uuid4().hex[:8]}"
+
+    def guarded(handler: Callable[[Request], Awaitable[Response]]):
+        async def route(request: Request) -> Response:
+            load["in_flight"] += 1
+            try:
+                return await handler(request)
+            except RequestError as e:
+                return error_response(e)
+            except EngineDeadError:
+                logger.exception("the engine has stopped")
+                return JSONResponse(error_body("The engine has stopped; restart the server.",
+                                               500), status_code=500)
+            finally:
+                load["in_flight"] -= 1
+        return route
+
+    async def create_completion(request: Request) -> Response:
+        req = await _parse(request, CompletionRequest)
+        request_id = base_id(request, req.request_id, "cmpl")
+        prompts = completions.prepare(req, engine_id(request_id))
+        if req.stream:
+            return _SSEResponse(completions.stream(req, request_id, prompts))
+        response = await _until_disconnect(request, completions.complete(req, request_id,
+                                                                         prompts))
+        return response if isinstance(response, Response) else JSONResponse(
+            response.model_dump())
+
+    async def create_chat_completion(request: Request) -> Response:
+        req = await _parse(request, ChatCompletionRequest)
+        request_id = base_id(request, req.request_id, "chatcmpl")
+        prompt = chat.prepare(req)
+        eid = engine_id(request_id)
+        if req.stream:
+            return _SSEResponse(chat.stream(req, request_id, eid, prompt))
+        response = await _until_disconnect(request, chat.complete(req, request_id, eid, prompt))
+        return response if isinstance(response, Response) else JSONResponse(
+            response.model_dump())
+
+    async def list_models(request: Request) -> Response:
+        cards = [ModelCard(id=name, root=core.model_path, max_model_len=core.max_model_len)
+                 for name in names]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    async def get_model(request: Request) -> Response:
+        name = request.path_params["model"]
+        chat.check_model(name)
+        return JSONResponse(ModelCard(id=name, root=core.model_path,
+                                      max_model_len=core.max_model_len).model_dump())
+
+    async def tokenize(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError("The request body is not valid JSON.") from None
+        if isinstance(body, dict) and "messages" in body:
+            req = await _parse(request, TokenizeChatRequest)
+            chat.check_model(req.model)
+            text = chat.render(req.messages, add_generation_prompt=req.add_generation_prompt,
+                               continue_final_message=req.continue_final_message,
+                               chat_template=req.chat_template,
+                               chat_template_kwargs=req.chat_template_kwargs, tools=req.tools)
+        else:
+            req = await _parse(request, TokenizeCompletionRequest)
+            chat.check_model(req.model)
+            text = req.prompt
+        ids = chat.tokenizer(text, add_special_tokens=req.add_special_tokens).input_ids
+        strs = chat.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return JSONResponse(TokenizeResponse(count=len(ids), max_model_len=core.max_model_len,
+                                             tokens=ids, token_strs=strs).model_dump())
+
+    async def detokenize(request: Request) -> Response:
+        req = await _parse(request, DetokenizeRequest)
+        chat.check_model(req.model)
+        vocab = core.model_config.vocab_size
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"Token id {bad} is out of vocabulary (size {vocab}).",
+                               param="tokens")
+        return JSONResponse(DetokenizeResponse(prompt=chat.tokenizer.decode(req.tokens))
+                            .model_dump())
+
+    async def health(request: Request) -> Response:
+        if engine.dead_error is not None:
+            return JSONResponse(error_body("The engine has stopped.", 503), status_code=503)
+        return Response(status_code=200)
+
+    async def version(request: Request) -> Response:
+        return JSONResponse({"version": __version__})
+
+    async def server_load(request: Request) -> Response:
+        return JSONResponse({"server_load": load["in_flight"]})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    routes = [
+        Route("/v1/completions", guarded(create_completion), methods=["POST"]),
+        Route("/v1/chat/completions", guarded(create_chat_completion), methods=["POST"]),
+        Route("/v1/models", guarded(list_models), methods=["GET"]),
+        Route("/v1/models/{model:path}", guarded(get_model), methods=["GET"]),
+        Route("/tokenize", guarded(tokenize), methods=["POST"]),
+        Route("/detokenize", guarded(detokenize), methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ping", health, methods=["GET", "POST"]),
+        Route("/version", version, methods=["GET"]),
+        Route("/load", server_load, methods=["GET"]),
+    ]
+    if _opt(ns, "enable_metrics", True):
+        routes.append(Route("/metrics", prometheus, methods=["GET"]))
+    if not _opt(ns, "disable_fastapi_docs", False):
+        schema = openapi_schema()
+
+        async def openapi(request: Request) -> Response:
+            return JSONResponse(schema)
+
+        async def docs(request: Request) -> Response:
+            return HTMLResponse(_SWAGGER_PAGE)
+
+        routes += [Route("/openapi.json", openapi, methods=["GET"]),
+                   Route("/docs", docs, methods=["GET"])]
+
+    middleware = [Middleware(
+        CORSMiddleware, allow_origins=_opt(ns, "allowed_origins", ["*"]),
+        allow_methods=_opt(ns, "allowed_methods", ["*"]),
+        allow_headers=_opt(ns, "allowed_headers", ["*"]),
+        allow_credentials=bool(_opt(ns, "allow_credentials", False)))]
+    if _opt(ns, "enable_request_id_headers", False):
+        middleware.append(Middleware(_RequestIdMiddleware))
+    keys = _api_keys(ns)
+    if keys:
+        middleware.append(Middleware(_AuthMiddleware, keys=keys))
+    middleware += [_user_middleware(p) for p in _opt(ns, "middleware", []) or []]
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return JSONResponse(error_body(str(exc.detail), exc.status_code),
+                            status_code=exc.status_code)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body(f"internal error: {exc}", 500), status_code=500)
+
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={HTTPException: http_error, Exception: internal_error})
+    app.state.engine = engine
+    app.state.load = load
+    return app
+
+
+def _api_keys(ns: Namespace) -> list[str]:
+    keys = _opt(ns, "api_key") or os.environ.get("VLLM_API_KEY") or os.environ.get(
+        "JAXSERVE_API_KEY")
+    if not keys:
+        return []
+    if isinstance(keys, str):
+        keys = [keys]
+    return [k for k in keys if k]
+
+
+def openapi_schema() -> dict[str, Any]:
+    """OpenAPI 3.1 for the JSON endpoints, built from the pydantic request models."""
+    defs: dict[str, Any] = {}
+
+    def ref(model: type[pydantic.BaseModel]) -> dict[str, str]:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        defs.update(schema.pop("$defs", {}))
+        defs[model.__name__] = schema
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    def post(model, response, summary):
+        return {"post": {"summary": summary,
+                         "requestBody": {"required": True, "content": {
+                             "application/json": {"schema": ref(model)}}},
+                         "responses": {"200": {"description": "OK", "content": {
+                             "application/json": {"schema": ref(response)}}}}}}
+
+    paths = {
+        "/v1/completions": post(CompletionRequest, protocol.CompletionResponse,
+                                "Create a completion"),
+        "/v1/chat/completions": post(ChatCompletionRequest, protocol.ChatCompletionResponse,
+                                     "Create a chat completion"),
+        "/tokenize": post(TokenizeCompletionRequest, TokenizeResponse, "Tokenize a prompt"),
+        "/detokenize": post(DetokenizeRequest, DetokenizeResponse, "Detokenize token ids"),
+        "/v1/models": {"get": {"summary": "List models", "responses": {"200": {
+            "description": "OK", "content": {"application/json": {"schema": ref(ModelList)}}}}}},
+    }
+    for path, summary in (("/health", "Liveness"), ("/ping", "Liveness"),
+                          ("/version", "Server version"), ("/load", "Requests in flight"),
+                          ("/metrics", "Prometheus metrics")):
+        paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
+    return {"openapi": "3.1.0", "info": {"title": "jaxserve", "version": __version__},
+            "paths": paths, "components": {"schemas": defs}}
+
+
+_SWAGGER_PAGE = """<!doctype html><html><head><title>jaxserve API</title>
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
+</head><body><div id="ui"></div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "openapi.json", dom_id: "#ui"});</script></body></html>"""
+
+
+# ---- running it ----------------------------------------------------------------------------------
+def bind_socket(host: str | None, port: int) -> socket.socket:
+    """Bind before the (slow) engine start, so a taken port fails at once."""
+    host = host or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def uvicorn_config(ns: Namespace, app: Starlette):
+    import uvicorn
+
+    return uvicorn.Config(
+        app, log_level=_opt(ns, "uvicorn_log_level", "info"),
+        access_log=not _opt(ns, "disable_uvicorn_access_log", False),
+        root_path=_opt(ns, "root_path", ""), ssl_keyfile=_opt(ns, "ssl_keyfile"),
+        ssl_certfile=_opt(ns, "ssl_certfile"), ssl_ca_certs=_opt(ns, "ssl_ca_certs"),
+        ssl_cert_reqs=int(_opt(ns, "ssl_cert_reqs", 0)),
+        timeout_graceful_shutdown=_opt(ns, "shutdown_timeout", 0), lifespan="off")
+
+
+def run_server(ns: Namespace) -> int:
+    """`jaxserve serve`: bind, start the engine, serve until SIGTERM or SIGINT; returns 0."""
+    import uvicorn
+
+    sock = bind_socket(_opt(ns, "host"), _opt(ns, "port", 8000))
+    engine = AsyncLLMEngine.from_engine_args(ns.engine_args)
+    app = build_app(ns, engine)
+    host, port = sock.getsockname()[:2]
+    scheme = "https" if _opt(ns, "ssl_certfile") else "http"
+    shown = "localhost" if host in ("0.0.0.0", "::") else host
+    logger.info("serving %s on %s://%s:%d%s (routes: %s)",
+                ", ".join(served_model_names(ns, engine.engine.model_name)), scheme, shown, port,
+                _opt(ns, "root_path", ""),
+                ", ".join(sorted({r.path for r in app.routes})))
+    server = uvicorn.Server(uvicorn_config(ns, app))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        logger.info("shutting down: aborting %d unfinished requests",
+                    len(engine.engine.requests))
+        engine.shutdown()
+    return 0

@@ -1,0 +1,222 @@
+"""What both generation endpoints share: model names, prompt checks, the engine call, errors,
+logprobs in OpenAI's two formats, and merging the streams of a batched request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from jaxserve.engine.async_engine import AsyncLLMEngine
+from jaxserve.entrypoints.openai.protocol import (MIN_LOGPROB, ChatLogProb, ChatLogProbsContent,
+                                                  CompletionLogProbs, PromptTokenUsageInfo,
+                                                  UsageInfo)
+from jaxserve.outputs import Logprob, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("jaxserve.server")
+
+
+class RequestError(Exception):
+    """A user mistake: becomes an OpenAI-shaped error with this status, never a 500."""
+
+    def __init__(self, message: str, status: int = 400, *, param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.param, self.code = message, status, param, code
+
+    @property
+    def type(self) -> str:
+        return {401: "authentication_error", 404: "not_found_error"}.get(
+            self.status, "invalid_request_error")
+
+
+@dataclass
+class ServingOptions:
+    """The frontend flags the endpoints read."""
+
+    served_model_names: list[str]
+    response_role: str = "assistant"
+    return_tokens_as_token_ids: bool = False
+    enable_prompt_tokens_details: bool = False
+    enable_force_include_usage: bool = False
+    chat_template_content_format: str = "auto"
+    enable_log_requests: bool = False
+    max_log_len: int | None = None
+
+
+class OpenAIServing:
+    """Holds the engine and the options; validates and submits requests."""
+
+    def __init__(self, engine: AsyncLLMEngine, options: ServingOptions):
+        self.engine = engine
+        self.core = engine.engine  # the LLMEngine: tokenizer, limits (read-only here)
+        self.options = options
+        self.tokenizer = self.core.tokenizer
+        self.max_model_len = self.core.max_model_len
+        self.default_sampling = dict(self.core.default_sampling_params)
+
+    # ---- checks ----------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.options.served_model_names:
+            raise RequestError(f"The model `{name}` does not exist.", 404, param="model",
+                               code="model_not_found")
+
+    @property
+    def model_name(self) -> str:
+        return self.options.served_model_names[0]
+
+    def check_prompt_ids(self, ids: list[int], param: str = "prompt") -> None:
+        if not ids:
+            raise RequestError("The prompt is empty.", param=param)
+        vocab = self.core.model_config.vocab_size
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"Token id {bad} is out of vocabulary (size {vocab}).",
+                               param=param)
+
+    def max_tokens_for(self, prompt_len: int, requested: int | None, *, what: str) -> int:
+        """The request's max_tokens, checked against the context; None means all that fits."""
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, your request "
+                f"has {prompt_len} input tokens. Please reduce the length of the input {what}.",
+                param="messages" if what == "messages" else "prompt")
+        room = limit - prompt_len
+        if requested is None:
+            default = self.default_sampling.get("max_tokens")
+            return min(room, default) if default else room
+        if prompt_len + requested > limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the {what}, {requested} in "
+                f"the completion). Please reduce the length of the {what} or completion.",
+                param="max_tokens")
+        return requested
+
+    def validate(self, ids: list[int], params: SamplingParams, priority: int) -> None:
+        """The engine's own checks, run here so a bad request fails before its stream starts."""
+        try:
+            self.core.validate(ids, params)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        if priority != 0 and self.core.scheduler_config.policy != "priority":
+            raise RequestError("priority is only allowed with --scheduling-policy priority",
+                               param="priority")
+
+    def log_request(self, request_id: str, prompt: str | None, ids: list[int],
+                    params: SamplingParams) -> None:
+        if not self.options.enable_log_requests:
+            return
+        n = self.options.max_log_len
+        shown_prompt = prompt[:n] if (prompt is not None and n is not None) else prompt
+        shown_ids = ids[:n] if n is not None else ids
+        logger.info("Received request %s: prompt: %r, params: %s, prompt_token_ids: %s",
+                    request_id, shown_prompt, params, shown_ids)
+
+    # ---- engine ----------------------------------------------------------------------------
+    def generate(self, request_id: str, ids: list[int], params: SamplingParams, *,
+                 prompt: str | None, priority: int) -> AsyncIterator[RequestOutput]:
+        self.log_request(request_id, prompt, ids, params)
+        return self.engine.generate(request_id, ids, params, prompt=prompt, priority=priority)
+
+    # ---- tokens and logprobs ---------------------------------------------------------------
+    def token_str(self, token_id: int, lp: Logprob | None = None) -> str:
+        if self.options.return_tokens_as_token_ids:
+            return f"token_id:{token_id}"
+        if lp is not None and lp.decoded_token is not None:
+            return lp.decoded_token
+        return self.tokenizer.decode([token_id])
+
+    def completion_logprobs(self, token_ids: list[int], steps: list[dict[int, Logprob] | None],
+                            k: int, offset: int) -> CompletionLogProbs:
+        """OpenAI's completions format: parallel lists; a `None` step is the first prompt token.
+        `top_logprobs` holds the chosen token and the `k` most likely."""
+        out = CompletionLogProbs()
+        for tid, step in zip(token_ids, steps):
+            chosen = step.get(tid) if step else None
+            tok = self.token_str(tid, chosen)
+            out.tokens.append(tok)
+            out.text_offset.append(offset)
+            offset += len(tok)
+            if step is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(max(chosen.logprob, MIN_LOGPROB))
+            out.top_logprobs.append({
+                self.token_str(i, lp): max(lp.logprob, MIN_LOGPROB) for i, lp in step.items()
+                if i == tid or (lp.rank is not None and lp.rank <= k)})
+        return out
+
+    def chat_logprobs(self, token_ids: list[int], steps: list[dict[int, Logprob]],
+                      k: int) -> list[ChatLogProbsContent]:
+        """OpenAI's chat format: one entry per token, with the `k` most likely by rank."""
+        content = []
+        for tid, step in zip(token_ids, steps):
+            chosen = step[tid]
+            tok = self.token_str(tid, chosen)
+            top = sorted(((lp.rank, i, lp) for i, lp in step.items()
+                          if lp.rank is not None and 1 <= lp.rank <= k), key=lambda t: t[0])
+            content.append(ChatLogProbsContent(
+                token=tok, logprob=max(chosen.logprob, MIN_LOGPROB),
+                bytes=list(tok.encode("utf-8")),
+                top_logprobs=[ChatLogProb(token=(s := self.token_str(i, lp)),
+                                          logprob=max(lp.logprob, MIN_LOGPROB),
+                                          bytes=list(s.encode("utf-8")))
+                              for _, i, lp in top]))
+        return content
+
+    def prompt_logprobs_json(self, out: RequestOutput) -> list[dict[int, dict[str, Any]] | None]:
+        """vLLM's `prompt_logprobs` field: per prompt token, {id: {logprob, rank, decoded_token}}."""
+        return [None if step is None else {
+            i: {"logprob": max(lp.logprob, MIN_LOGPROB), "rank": lp.rank,
+                "decoded_token": self.token_str(i, lp)} for i, lp in step.items()}
+            for step in out.prompt_logprobs or []]
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached: int) -> UsageInfo:
+        details = (PromptTokenUsageInfo(cached_tokens=cached)
+                   if self.options.enable_prompt_tokens_details else None)
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens,
+                         prompt_tokens_details=details)
+
+
+async def merge_streams(streams: list[AsyncIterator[RequestOutput]],
+                        ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as they come, tagged with the stream's index.
+    Closing the merged stream (a disconnect) cancels every request that is still running."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, e))
+            return
+        await queue.put((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,199 @@
+"""`POST /v1/completions`: string, token-id and batched prompts; echo; logprobs; streaming."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from jaxserve.entrypoints.openai.protocol import (CompletionRequest, CompletionResponse,
+                                                  CompletionResponseChoice,
+                                                  CompletionStreamChoice,
+                                                  CompletionStreamResponse)
+from jaxserve.entrypoints.openai.serving import OpenAIServing, RequestError, merge_streams
+from jaxserve.outputs import RequestOutput
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams
+
+
+@dataclass
+class _Prompt:
+    text: str | None
+    ids: list[int]
+    params: SamplingParams
+    request_id: str
+
+
+@dataclass
+class _Choice:
+    """Streaming state of one choice: what has been sent so far."""
+
+    text_offset: int = 0
+    tokens: int = 0
+    echoed: bool = False
+    finished: bool = False
+    token_ids: list[int] = field(default_factory=list)
+
+
+class OpenAIServingCompletion(OpenAIServing):
+
+    def prepare(self, request: CompletionRequest, request_id: str) -> list[_Prompt]:
+        """Tokenize and check every prompt of the request; raises RequestError."""
+        self.check_model(request.model)
+        problem = request.unsupported()
+        if problem is None and request.suffix is not None:
+            problem = "suffix is not supported"
+        if problem is not None:
+            raise RequestError(problem)
+        prompts = request.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise RequestError("The prompt is empty.", param="prompt")
+        logprobs = request.logprobs
+        kind = RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY
+        out = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise RequestError("The prompt is empty.", param="prompt")
+                text = prompt
+                ids = self.tokenizer(prompt, add_special_tokens=request.add_special_tokens
+                                     ).input_ids
+            else:
+                text, ids = None, list(prompt)
+            self.check_prompt_ids(ids)
+            k = request.truncate_prompt_tokens
+            if k is not None:
+                k = self.max_model_len if k == -1 else k
+                ids, text = ids[-k:] if k else [], None
+                self.check_prompt_ids(ids)
+            max_tokens = self.max_tokens_for(len(ids), request.max_tokens, what="prompt")
+            try:
+                params = request.sampling_params(max_tokens, logprobs, self.default_sampling,
+                                                 kind)
+                if request.echo and logprobs is not None:
+                    # The echoed prompt carries its own logprobs.
+                    params.prompt_logprobs = max(logprobs, params.prompt_logprobs or 0)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+            self.validate(ids, params, request.priority)
+            out.append(_Prompt(text, ids, params, f"{request_id}-{i}"))
+        return out
+
+    def _prompt_text(self, p: _Prompt) -> str:
+        return p.text if p.text is not None else self.tokenizer.decode(p.ids)
+
+    def _echo_logprobs(self, p: _Prompt, out: RequestOutput, k: int):
+        steps = list(out.prompt_logprobs or [None] * len(p.ids))
+        return self.completion_logprobs(p.ids, steps, k, 0)
+
+    # ---- non-streaming ---------------------------------------------------------------------
+    async def complete(self, request: CompletionRequest, request_id: str,
+                       prompts: list[_Prompt]) -> CompletionResponse:
+        streams = [self.generate(p.request_id, p.ids, p.params, prompt=p.text,
+                                 priority=request.priority) for p in prompts]
+        final: dict[int, RequestOutput] = {}
+        try:
+            async for i, out in merge_streams(streams):
+                final[i] = out
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        choices, completion_tokens, cached = [], 0, 0
+        n = request.n
+        for i, p in enumerate(prompts):
+            out = final[i]
+            cached += out.num_cached_tokens
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                text, logprobs = c.text, None
+                if request.logprobs is not None:
+                    offset = 0
+                    if request.echo:
+                        logprobs = self._echo_logprobs(p, out, request.logprobs)
+                        offset = len(self._prompt_text(p))
+                    gen = self.completion_logprobs(c.token_ids, c.logprobs or [],
+                                                   request.logprobs, offset)
+                    if logprobs is None:
+                        logprobs = gen
+                    else:
+                        for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs"):
+                            getattr(logprobs, name).extend(getattr(gen, name))
+                if request.echo:
+                    text = self._prompt_text(p) + text
+                choices.append(CompletionResponseChoice(
+                    index=i * n + c.index, text=text, logprobs=logprobs,
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                    prompt_logprobs=(self.prompt_logprobs_json(out)
+                                     if request.prompt_logprobs is not None else None),
+                    token_ids=list(c.token_ids) if request.return_token_ids else None,
+                    prompt_token_ids=list(p.ids) if request.return_token_ids else None))
+        choices.sort(key=lambda c: c.index)
+        prompt_tokens = sum(len(p.ids) for p in prompts)
+        return CompletionResponse(id=request_id, model=request.model or self.model_name,
+                                  choices=choices,
+                                  usage=self.usage(prompt_tokens, completion_tokens, cached))
+
+    # ---- streaming -------------------------------------------------------------------------
+    async def stream(self, request: CompletionRequest, request_id: str,
+                     prompts: list[_Prompt]) -> AsyncIterator[str]:
+        """SSE lines; the caller turns exceptions into an error event followed by [DONE]."""
+        created = int(time.time())
+        model = request.model or self.model_name
+        n = request.n
+        opts = request.stream_options
+        include_usage = self.options.enable_force_include_usage or bool(
+            opts and opts.include_usage)
+        continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+        states = {(i, j): _Choice() for i in range(len(prompts)) for j in range(n)}
+        prompt_tokens = sum(len(p.ids) for p in prompts)
+        completion_tokens, cached = 0, 0
+        streams = [self.generate(p.request_id, p.ids, p.params, prompt=p.text,
+                                 priority=request.priority) for p in prompts]
+        seen_cached: set[int] = set()
+        async for i, out in merge_streams(streams):
+            p = prompts[i]
+            if i not in seen_cached:
+                seen_cached.add(i)
+                cached += out.num_cached_tokens
+            choices = []
+            for c in out.outputs:
+                st = states[(i, c.index)]
+                text, logprobs = c.text, None
+                if request.echo and not st.echoed:
+                    st.echoed = True
+                    prompt_text = self._prompt_text(p)
+                    if request.logprobs is not None:
+                        logprobs = self._echo_logprobs(p, out, request.logprobs)
+                    text = prompt_text + text
+                    st.text_offset = len(prompt_text)
+                if request.logprobs is not None:
+                    gen = self.completion_logprobs(c.token_ids, c.logprobs or [],
+                                                   request.logprobs, st.text_offset)
+                    st.text_offset += sum(len(t) for t in gen.tokens)
+                    if logprobs is None:
+                        logprobs = gen
+                    else:
+                        for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs"):
+                            getattr(logprobs, name).extend(getattr(gen, name))
+                completion_tokens += len(c.token_ids)
+                if not text and not c.token_ids and c.finish_reason is None:
+                    continue
+                choices.append(CompletionStreamChoice(
+                    index=i * n + c.index, text=text, logprobs=logprobs,
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                    token_ids=list(c.token_ids) if request.return_token_ids else None,
+                    prompt_token_ids=(list(p.ids) if request.return_token_ids
+                                      and not st.token_ids else None)))
+                st.token_ids.extend(c.token_ids)
+            if not choices:
+                continue
+            chunk = CompletionStreamResponse(id=request_id, created=created, model=model,
+                                             choices=choices)
+            if continuous:
+                chunk.usage = self.usage(prompt_tokens, completion_tokens, cached)
+            yield chunk.model_dump_json()
+        if include_usage:
+            chunk = CompletionStreamResponse(
+                id=request_id, created=created, model=model, choices=[],
+                usage=self.usage(prompt_tokens, completion_tokens, cached))
+            yield chunk.model_dump_json()

@@ -1,0 +1,102 @@
+"""Prometheus metrics under vLLM's names, so vLLM's dashboards and alerts work unchanged.
+
+The engine thread records into a `Metrics` (prometheus-client metrics are thread-safe); the server
+exposes its registry at `GET /metrics`. Each server has its own registry, so two servers in one
+process (tests) do not mix their counts.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# vLLM's histogram buckets (seconds).
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
+                  100000)
+
+
+class Metrics:
+    """The engine's counters, gauges and latency histograms, labelled with the model name."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def counter(name, doc, extra=()):
+            return Counter(name, doc, labels + list(extra), registry=r)
+
+        def gauge(name, doc):
+            return Gauge(name, doc, labels, registry=r).labels(model_name)
+
+        def histogram(name, doc, buckets):
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prefill tokens processed.").labels(
+            model_name)
+        self.generation_tokens = counter("vllm:generation_tokens",
+                                         "Generation tokens processed.").labels(model_name)
+        self.preemptions = counter("vllm:num_preemptions", "Cumulative preemptions.").labels(
+            model_name)
+        self.prefix_queries = counter("vllm:prefix_cache_queries",
+                                      "Prefix cache queries, in tokens.").labels(model_name)
+        self.prefix_hits = counter("vllm:prefix_cache_hits",
+                                   "Prefix cache hits, in tokens.").labels(model_name)
+        self._success = counter("vllm:request_success", "Finished requests, by reason.",
+                                ["finished_reason"])
+        self._model = model_name
+        self.running = gauge("vllm:num_requests_running", "Requests in model execution batches.")
+        self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be processed.")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc",
+                              "KV-cache usage; 1 means 100 percent usage.")
+        self.prefix_hit_rate = gauge("vllm:prefix_cache_hit_rate",
+                                     "Prefix cache hit rate since start (hits / queries).")
+        self.ttft = histogram("vllm:time_to_first_token_seconds",
+                              "Time to first token in seconds.", _TTFT_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds",
+                             "Inter-token latency in seconds.", _ITL_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds",
+                             "End-to-end request latency in seconds.", _E2E_BUCKETS)
+        self.request_prompt_tokens = histogram("vllm:request_prompt_tokens",
+                                               "Prompt tokens per finished request.",
+                                               _TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram("vllm:request_generation_tokens",
+                                                   "Generated tokens per finished request.",
+                                                   _TOKEN_BUCKETS)
+        self._last_queries = self._last_hits = self._last_preemptions = 0
+
+    # ---- called by the engine thread -------------------------------------------------------
+    def record_step(self, *, prompt_tokens: int, generation_tokens: int, running: int,
+                    waiting: int, kv_usage: float, prefix_queries: int, prefix_hits: int,
+                    preemptions: int) -> None:
+        """Per step; the prefix-cache and preemption arguments are running totals."""
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(generation_tokens)
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_usage.set(kv_usage)
+        self.prefix_queries.inc(prefix_queries - self._last_queries)
+        self.prefix_hits.inc(prefix_hits - self._last_hits)
+        self.preemptions.inc(preemptions - self._last_preemptions)
+        self._last_queries, self._last_hits = prefix_queries, prefix_hits
+        self._last_preemptions = preemptions
+        self.prefix_hit_rate.set(prefix_hits / prefix_queries if prefix_queries else 0.0)
+
+    def record_token(self, arrival: float, previous: float | None, now: float) -> None:
+        """A sampled token: the first one of a request is TTFT, later ones are inter-token."""
+        if previous is None:
+            self.ttft.observe(now - arrival)
+        else:
+            self.itl.observe(now - previous)
+
+    def record_finished(self, reason: str, arrival: float, now: float, prompt_tokens: int,
+                        generation_tokens: int) -> None:
+        self._success.labels(self._model, reason).inc()
+        self.e2e.observe(now - arrival)
+        self.request_prompt_tokens.observe(prompt_tokens)
+        self.request_generation_tokens.observe(generation_tokens)
