@@ -56,12 +56,14 @@ class AsyncLLMEngine:
         reply: asyncio.Future = loop.create_future()
         self._commands.put(("add", request_id, prompt_token_ids, params, prompt, priority, reply))
         self._wake.set()
-        error = await reply
-        if error is not None:
-            self._streams.pop(request_id, None)
-            raise error
-        finished = False
+        # NOTE: a cancellation (client disconnect) can land while the add is still queued; the
+        # abort queued behind it in `finally` then removes the request once it exists.
+        refused = finished = False
         try:
+            error = await reply
+            if error is not None:
+                refused = True  # never added: nothing to abort (and the id may be another's)
+                raise error
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -72,7 +74,7 @@ class AsyncLLMEngine:
                     return
         finally:
             self._streams.pop(request_id, None)
-            if not finished:
+            if not finished and not refused:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -99,7 +101,7 @@ class AsyncLLMEngine:
                                             priority=priority)
                 except Exception as e:  # noqa: BLE001 - a bad request must not stop the loop
                     error = e
-                reply.get_loop().call_soon_threadsafe(reply.set_result, error)
+                _call_soon(reply.get_loop(), _resolve, reply, error)
             elif cmd[0] == "abort":
                 self.engine.abort_request(cmd[1])
 
@@ -124,4 +126,17 @@ class AsyncLLMEngine:
         entry = self._streams.get(request_id)
         if entry is not None:
             loop, stream = entry
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+            _call_soon(loop, stream.put_nowait, item)
+
+
+def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
+    if not future.done():  # the waiting request may have been cancelled meanwhile
+        future.set_result(error)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """Hand `fn(*args)` to an event loop from the engine thread; a closed loop is ignored."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass

@@ -39,8 +39,7 @@ from jaxserve.entrypoints.openai import protocol
 from jaxserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest,
                                                   DetokenizeRequest, DetokenizeResponse,
                                                   ModelCard, ModelList, TokenizeChatRequest,
-                                                  TokenizeCompletionRequest, TokenizeResponse,
-                                                  random_id)
+                                                  TokenizeCompletionRequest, TokenizeResponse)
 from jaxserve.entrypoints.openai.serving import RequestError, ServingOptions
 from jaxserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from jaxserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
@@ -115,8 +114,9 @@ async def _until_disconnect(request: Request, work: Awaitable[Response]) -> Resp
 class _SSEResponse(StreamingResponse):
     """Server-sent events that stop (and abort the request) as soon as the client leaves."""
 
-    def __init__(self, payloads: AsyncIterator[str], headers: dict[str, str] | None = None):
-        super().__init__(_sse(payloads), media_type="text/event-stream", headers=headers)
+    def __init__(self, payloads: AsyncIterator[str]):
+        super().__init__(_sse(payloads, self), media_type="text/event-stream")
+        self.on_close: Callable[[], None] | None = None
 
     async def __call__(self, scope, receive, send) -> None:
         async def never():  # the watcher below owns `receive`
@@ -134,7 +134,7 @@ class _SSEResponse(StreamingResponse):
             await stream
 
 
-async def _sse(payloads: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _sse(payloads: AsyncIterator[str], response: _SSEResponse) -> AsyncIterator[str]:
     """`data: ...` events, then `data: [DONE]`; a failure mid-stream is an error event first."""
     try:
         async for payload in payloads:
@@ -151,6 +151,9 @@ async def _sse(payloads: AsyncIterator[str]) -> AsyncIterator[str]:
     except Exception as e:  # noqa: BLE001 - reported to the client, the server carries on
         logger.exception("failure during a stream")
         yield f"data: {json.dumps(error_body(f'internal error: {e}', 500))}\n\n"
+    finally:
+        if response.on_close is not None:
+            response.on_close()
     yield "data: [DONE]\n\n"
 
 
@@ -258,8 +261,14 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
     def guarded(handler: Callable[[Request], Awaitable[Response]]):
         async def route(request: Request) -> Response:
             load["in_flight"] += 1
+            streaming = False
             try:
-                return await handler(request)
+                response = await handler(request)
+                if isinstance(response, _SSEResponse):  # in flight until the stream ends
+                    streaming = True
+                    response.on_close = lambda: load.__setitem__("in_flight",
+                                                                 load["in_flight"] - 1)
+                return response
             except RequestError as e:
                 return error_response(e)
             except EngineDeadError:
@@ -267,7 +276,8 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
                 return JSONResponse(error_body("The engine has stopped; restart the server.",
                                                500), status_code=500)
             finally:
-                load["in_flight"] -= 1
+                if not streaming:
+                    load["in_flight"] -= 1
         return route
 
     async def create_completion(request: Request) -> Response:

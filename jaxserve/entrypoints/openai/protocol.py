@@ -4,7 +4,6 @@ that turn a user mistake into a 400 before it reaches the engine."""
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
@@ -14,10 +13,6 @@ from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # JSON has no -inf: logprobs are clipped here, as vLLM clips them.
 MIN_LOGPROB = -9999.0
-
-
-def random_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 class OpenAIBaseModel(BaseModel):
