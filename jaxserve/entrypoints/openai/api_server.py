@@ -55,9 +55,7 @@ _OPEN_PATHS = {"/health", "/ping", "/version", "/metrics", "/openapi.json", "/do
 def error_body(message: str, status: int, *, type_: str | None = None, param: str | None = None,
                code: str | int | None = None) -> dict[str, Any]:
     if type_ is None:
-        type_ = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
-                 503: "service_unavailable"}.get(
-            status, "invalid_request_error" if status < 500 else "internal_error")
+        type_ = "invalid_request_error" if status < 500 else "server_error"
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 

@@ -29,8 +29,9 @@ class RequestError(Exception):
 
     @property
     def type(self) -> str:
-        return {401: "authentication_error", 404: "not_found_error"}.get(
-            self.status, "invalid_request_error")
+        # OpenAI's API calls every client-side mistake an invalid_request_error, and tells them
+        # apart by `code` (model_not_found, invalid_api_key, ...).
+        return "invalid_request_error"
 
 
 @dataclass
