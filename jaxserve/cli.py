@@ -1,14 +1,23 @@
-"""The `jaxserve` command: `generate` (one-shot, offline) and `convert` (to an orbax folder)."""
+"""The `jaxserve` command: `serve` (the OpenAI-compatible server, taking `vllm serve` flags),
+`chat` and `complete` (clients of a running server), `generate` (one-shot, offline) and `convert`
+(to an orbax folder)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import logging.config
+import os
 import sys
 import typing
+from collections.abc import Callable, Iterable
 
 from jaxserve import __version__
+from jaxserve.entrypoints.cli_args import add_serve_args, json_object, parse_serve_args
+
+logger = logging.getLogger("jaxserve.cli")
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -23,14 +32,23 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
             continue
         base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-        parser.add_argument(flag, type=base, default=f.default)
+        origin = typing.get_origin(base) or base
+        if origin is dict:
+            parser.add_argument(flag, type=json_object, default=f.default, help="JSON object")
+        elif origin is tuple:
+            item = typing.get_args(base)[0]
+            parser.add_argument(flag, type=item, nargs="+", default=f.default)
+        else:
+            parser.add_argument(flag, type=base, default=f.default)
 
 
 def _engine_args(ns: argparse.Namespace):
     from jaxserve.engine.args import EngineArgs
 
     names = {f.name for f in dataclasses.fields(EngineArgs)}
-    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})
+    kwargs = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in vars(ns).items() if k in names}
+    return EngineArgs(**kwargs)
 
 
 def _generate(ns: argparse.Namespace) -> int:
@@ -64,10 +82,126 @@ def _convert(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(argv: list[str]) -> int:
+    """`jaxserve serve ...`: parse (with --config, dotted keys, refusals), then run the server."""
+    ns = parse_serve_args(argv)
+    if ns.log_config_file:
+        with open(ns.log_config_file) as f:
+            logging.config.dictConfig(json.load(f))
+    else:
+        logging.getLogger().setLevel(ns.log_level.upper())
+    from jaxserve.entrypoints.openai.api_server import run_server
+
+    return run_server(ns)
+
+
+# ----------------------------------------------------------------------------- chat / complete
+def _client(ns: argparse.Namespace):
+    """An OpenAI client for `--url` and the model to ask: `--model-name`, else the first served."""
+    from openai import OpenAI
+
+    api_key = ns.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+    client = OpenAI(base_url=ns.url, api_key=api_key)
+    if ns.model_name:
+        return client, ns.model_name
+    models = client.models.list().data
+    if not models:
+        raise ValueError(f"{ns.url}/models lists no models; give --model-name")
+    return client, models[0].id
+
+
+def _print_stream(pieces: Iterable[str | None]) -> str:
+    """Write each streamed piece to stdout as it arrives; returns the whole text."""
+    text = []
+    for piece in pieces:
+        if piece:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            text.append(piece)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(text)
+
+
+def _rounds(ns: argparse.Namespace, ask: Callable[[str], None], model: str) -> int:
+    """`--quick MESSAGE`: one round; otherwise one round per line of stdin until EOF."""
+    if ns.quick is not None:
+        ask(ns.quick)
+        return 0
+    sys.stderr.write(f"Using model {model}; one message per line, Ctrl-D to quit.\n")
+    while True:
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            sys.stderr.write("\n")
+            return 0
+        if line.strip():
+            ask(line.rstrip("\n"))
+
+
+def _chat(ns: argparse.Namespace) -> int:
+    client, model = _client(ns)
+    history = [{"role": "system", "content": ns.system_prompt}] if ns.system_prompt else []
+
+    def ask(message: str) -> None:
+        history.append({"role": "user", "content": message})
+        stream = client.chat.completions.create(model=model, messages=history, stream=True)
+        reply = _print_stream(c.choices[0].delta.content for c in stream if c.choices)
+        history.append({"role": "assistant", "content": reply})
+
+    return _rounds(ns, ask, model)
+
+
+def _complete(ns: argparse.Namespace) -> int:
+    client, model = _client(ns)
+    extra = {} if ns.max_tokens is None else {"max_tokens": ns.max_tokens}
+
+    def ask(prompt: str) -> None:
+        stream = client.completions.create(model=model, prompt=prompt, stream=True, **extra)
+        _print_stream(c.choices[0].text for c in stream if c.choices)
+
+    return _rounds(ns, ask, model)
+
+
+def _client_command(run: Callable[[argparse.Namespace], int]
+                    ) -> Callable[[argparse.Namespace], int]:
+    """`run`, reporting the server's errors (connection refused, 401, ...) as one line."""
+    def command(ns: argparse.Namespace) -> int:
+        from openai import OpenAIError
+
+        try:
+            return run(ns)
+        except OpenAIError as e:
+            print(f"jaxserve: error: {ns.url}: {e}", file=sys.stderr)
+            return 1
+    return command
+
+
+def _add_client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://localhost:8000/v1",
+                        help="the server's OpenAI base URL (default: %(default)s)")
+    parser.add_argument("--model-name", help="model to ask (default: the first in /v1/models)")
+    parser.add_argument("--api-key", help="API key (default: env OPENAI_API_KEY, else EMPTY)")
+    parser.add_argument("-q", "--quick", metavar="MESSAGE",
+                        help="send one message, print the reply and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"jaxserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model over the OpenAI API (vllm serve flags)",
+                           usage="jaxserve serve [MODEL] [options]", allow_abbrev=False)
+    add_serve_args(serve)  # main() hands `serve` to parse_serve_args; this is for --help
+    chat = sub.add_parser("chat", help="chat with a running server")
+    _add_client_args(chat)
+    chat.add_argument("--system-prompt", help="system message that starts the conversation")
+    chat.set_defaults(func=_client_command(_chat))
+    complete = sub.add_parser("complete", help="complete prompts with a running server")
+    _add_client_args(complete)
+    complete.add_argument("--max-tokens", type=int, help="most tokens per completion")
+    complete.set_defaults(func=_client_command(_complete))
     gen = sub.add_parser("generate", help="generate text offline for a few prompts")
     gen.add_argument("prompt", nargs="*", help="prompts (default: a sample question)")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
@@ -88,8 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s] %(message)s",
                         datefmt="%H:%M:%S")
-    ns = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["serve"]:  # its own parser: --config, dotted keys and -O3 come first
+            return _serve(argv[1:])
+        ns = build_parser().parse_args(argv)
         return ns.func(ns)
     except (ValueError, FileNotFoundError) as e:
         print(f"jaxserve: error: {e}", file=sys.stderr)

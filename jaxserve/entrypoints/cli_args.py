@@ -1,9 +1,10 @@
 """`jaxserve serve` arguments: every `vllm serve` flag and SGLang's spellings of the same options.
 
-Each flag is one of five kinds (`Flag.kind`):
-- engine / frontend: a field of `EngineArgs`, or an option the HTTP server reads from the namespace;
-- mapped: translated onto a JAX counterpart (CUDA-graph sizes become compiled token buckets,
-  `--rope-theta` becomes an `hf_overrides` key, SGLang's `--tp-size` is `--tensor-parallel-size`);
+What jaxserve does with each flag (`Flag.kind`):
+- engine, frontend, worker: a field of `EngineArgs`, or an option the HTTP server (or the Gateway
+  client) reads from the namespace; implicit: a flag that asks for what jaxserve always does;
+- mapped, alias: translated onto a JAX counterpart (CUDA-graph sizes become compiled token
+  buckets, `--rope-theta` an `hf_overrides` key) or an SGLang spelling of a vLLM flag;
 - warn: no meaning on JAX; a non-default value logs one line on the `jaxserve.cli` logger;
 - refuse: meaningful but not implemented yet; a non-default value raises `ValueError` naming the
   flag as it was typed.
@@ -54,19 +55,25 @@ def human_int(text: str) -> int:
 
 
 def json_object(text: str) -> dict[str, Any]:
-    """A JSON object; for `--compilation-config`/`-O` a bare number is the compilation level."""
+    """A JSON object (vLLM's config-valued flags)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({e})") from None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return {"level": value}
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
 
 
+def compilation_json(text: str) -> dict[str, Any]:
+    """`--compilation-config`: a JSON object, or a bare number (`-O3`): the compilation level."""
+    if text.strip().isdigit():
+        return {"level": int(text)}
+    return json_object(text)
+
+
 def json_list(text: str) -> list[Any]:
+    """A JSON list (`--allowed-origins '["*"]'`); a bare value is a list of one."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
@@ -121,11 +128,15 @@ class Flag:
         return any(value == v for v in self.ok)
 
 
-def F(kind: str, names: str, note: str, type: Any = str, default: Any = None,
+_UNSET = object()
+
+
+def F(kind: str, names: str, note: str, type: Any = str, default: Any = _UNSET,
       **extra: Any) -> Flag:
-    """Compact table rows: `names` is space-separated, `type=SWITCH` for booleans."""
-    if type is SWITCH and default is None and kind not in (WARN, REFUSE, ALIAS):
-        default = False
+    """Compact table rows: `names` is space-separated; `type=SWITCH` for booleans, which default
+    to False unless the row says otherwise."""
+    if default is _UNSET:
+        default = False if type is SWITCH else None
     return Flag(tuple(names.split()), kind, note, type, default, **extra)
 
 
@@ -235,7 +246,7 @@ GROUPS: tuple[tuple[str, str, tuple[Flag, ...]], ...] = (
         F(REFUSE, "--logprobs-mode", "logprobs modes other than raw_logprobs",
           default="raw_logprobs"),
         F(REFUSE, "--disable-sliding-window", "capping context at the sliding window", SWITCH),
-        F(WARN, "--disable-cascade-attn", "jaxserve has no cascade attention", SWITCH,
+        F(WARN, "--disable-cascade-attn", "jaxserve has no cascade attention", SWITCH, default=None,
           ok=(True,)),
         F(REFUSE, "--skip-tokenizer-init", "serving without a tokenizer", SWITCH),
         F(REFUSE, "--enable-prompt-embeds", "prompt embeddings as input", SWITCH),
@@ -373,7 +384,7 @@ GROUPS: tuple[tuple[str, str, tuple[Flag, ...]], ...] = (
     )),
     ("MultiModalConfig", "Multimodal models.", (
         F(IMPLICIT, "--language-model-only", "always: " + _TEXT_ONLY, SWITCH),
-        F(REFUSE, "--limit-mm-per-prompt", _MM + " (all-zero limits pass)", mm_limits,
+        F(REFUSE, "--limit-mm-per-prompt", _MM + "; all-zero limits pass", mm_limits,
           ok=_no_mm),
         F(REFUSE, "--enable-mm-embeds", _MM, SWITCH),
         F(REFUSE, "--media-io-kwargs", _MM, json_object),
@@ -435,7 +446,7 @@ GROUPS: tuple[tuple[str, str, tuple[Flag, ...]], ...] = (
         F(WARN, "--scheduler-reserve-full-isl", "jaxserve admits by the chunk it schedules and "
           "preempts by recompute", SWITCH, True),
         F(WARN, "--disable-hybrid-kv-cache-manager", "every layer has the same KV pages",
-          SWITCH, ok=(True,)),
+          SWITCH, default=None, ok=(True,)),
         F(REFUSE, "--async-scheduling", "asynchronous scheduling", SWITCH),
         F(REFUSE, "--stream-interval", "batching streamed tokens", int, 1),
         F(REFUSE, "--preemption-mode", "preemption by swapping (recompute is what jaxserve does)",
@@ -445,7 +456,7 @@ GROUPS: tuple[tuple[str, str, tuple[Flag, ...]], ...] = (
           float, 0.0),
         F(WARN, "--num-scheduler-steps", "one scheduler call per compiled step", int, 1),
         F(WARN, "--multi-step-stream-outputs", "no multi-step scheduling", SWITCH, True),
-        F(WARN, "--use-v2-block-manager", "a no-op in vLLM too", SWITCH, ok=(True,)),
+        F(WARN, "--use-v2-block-manager", "a no-op in vLLM too", SWITCH, default=None, ok=(True,)),
         F(MAPPED, "--cuda-graph-sizes", "compile buckets: several values are the token counts "
           "to compile, one value is the largest (powers of two up to it)", int, nargs="+"),
     )),
@@ -453,7 +464,7 @@ GROUPS: tuple[tuple[str, str, tuple[Flag, ...]], ...] = (
      "set of token-count buckets; vLLM's CUDA-graph sizes choose those buckets.", (
         F(MAPPED, "--compilation-config -O -cc", "JSON: cudagraph_capture_sizes and "
           "max_cudagraph_capture_size choose compile buckets, cache_dir the XLA cache; "
-          "level/mode are accepted (XLA always compiles the whole step)", json_object),
+          "level/mode are accepted (XLA always compiles the whole step)", compilation_json),
         F(MAPPED, "--cudagraph-capture-sizes", "compile buckets (token counts)", int, nargs="+"),
         F(MAPPED, "--max-cudagraph-capture-size", "compile buckets: powers of two up to this",
           int),
@@ -495,35 +506,35 @@ GROUPS: tuple[tuple[str, str, tuple[Flag, ...]], ...] = (
         F(REFUSE, "--spec-decoding-acceptance-method", _SPEC, default="rejection_sampler"),
         F(REFUSE, "--typical-acceptance-sampler-posterior-threshold", _SPEC, float),
         F(REFUSE, "--typical-acceptance-sampler-posterior-alpha", _SPEC, float),
-        F(REFUSE, "--disable-logprobs-during-spec-decoding", _SPEC, SWITCH, ok=(True,)),
+        F(REFUSE, "--disable-logprobs-during-spec-decoding", _SPEC, SWITCH, default=None, ok=(True,)),
     )),
     ("SGLang spellings", "SGLang's `launch_server` options, mapped onto the flags above.", (
-        F(ALIAS, "--model-path", "= --model", dest="model", default=argparse.SUPPRESS),
-        F(ALIAS, "--tokenizer-path", "= --tokenizer", dest="tokenizer",
+        F(ALIAS, "--model-path", "SGLang spelling of --model", dest="model", default=argparse.SUPPRESS),
+        F(ALIAS, "--tokenizer-path", "SGLang spelling of --tokenizer", dest="tokenizer",
           default=argparse.SUPPRESS),
-        F(ALIAS, "--tp-size --tp", "= --tensor-parallel-size", int,
+        F(ALIAS, "--tp-size --tp", "SGLang spelling of --tensor-parallel-size", int,
           dest="tensor_parallel_size", default=argparse.SUPPRESS),
-        F(ALIAS, "--dp-size", "= --data-parallel-size", int, dest="data_parallel_size",
+        F(ALIAS, "--dp-size", "SGLang spelling of --data-parallel-size", int, dest="data_parallel_size",
           default=argparse.SUPPRESS),
-        F(ALIAS, "--pp-size", "= --pipeline-parallel-size", int, dest="pipeline_parallel_size",
+        F(ALIAS, "--pp-size", "SGLang spelling of --pipeline-parallel-size", int, dest="pipeline_parallel_size",
           default=argparse.SUPPRESS),
         F(MAPPED, "--ep-size --expert-parallel-size", "> 1: --enable-expert-parallel", int, 1),
         F(MAPPED, "--enable-ep-moe", "= --enable-expert-parallel", SWITCH),
-        F(ALIAS, "--context-length", "= --max-model-len", int, dest="max_model_len",
+        F(ALIAS, "--context-length", "SGLang spelling of --max-model-len", int, dest="max_model_len",
           default=argparse.SUPPRESS),
-        F(ALIAS, "--mem-fraction-static", "= --gpu-memory-utilization", float,
+        F(ALIAS, "--mem-fraction-static", "SGLang spelling of --gpu-memory-utilization", float,
           dest="gpu_memory_utilization", default=argparse.SUPPRESS),
-        F(ALIAS, "--max-running-requests", "= --max-num-seqs", int, dest="max_num_seqs",
+        F(ALIAS, "--max-running-requests", "SGLang spelling of --max-num-seqs", int, dest="max_num_seqs",
           default=argparse.SUPPRESS),
         F(MAPPED, "--max-total-tokens", "KV pool size in tokens: --num-gpu-blocks-override "
           "= ceil(tokens / block size)", int),
-        F(ALIAS, "--page-size", "= --block-size", int, dest="block_size",
+        F(ALIAS, "--page-size", "SGLang spelling of --block-size", int, dest="block_size",
           default=argparse.SUPPRESS),
         F(MAPPED, "--chunked-prefill-size", "= --max-num-batched-tokens; -1 disables chunked "
           "prefill", int),
         F(WARN, "--max-prefill-tokens", "the step budget is --max-num-batched-tokens "
           "(SGLang --chunked-prefill-size)", int, 16384),
-        F(ALIAS, "--random-seed", "= --seed", int, dest="seed", default=argparse.SUPPRESS),
+        F(ALIAS, "--random-seed", "SGLang spelling of --seed", int, dest="seed", default=argparse.SUPPRESS),
         F(MAPPED, "--schedule-policy", "fcfs (lpm, random, dfs-weight, lof: not implemented)",
           default="fcfs"),
         F(MAPPED, "--disable-radix-cache", "= --no-enable-prefix-caching", SWITCH),
@@ -536,7 +547,7 @@ GROUPS: tuple[tuple[str, str, tuple[Flag, ...]], ...] = (
           SWITCH, None),
         F(FRONTEND, "--log-level", "root log level", default="info"),
         F(MAPPED, "--log-level-http", "= --uvicorn-log-level"),
-        F(ALIAS, "--log-requests", "= --enable-log-requests", SWITCH,
+        F(ALIAS, "--log-requests", "SGLang spelling of --enable-log-requests", SWITCH,
           dest="enable_log_requests", default=argparse.SUPPRESS),
         F(WARN, "--log-requests-level", "requests are logged as vLLM logs them", int, 0),
         F(IMPLICIT, "--enable-mixed-chunk", "always: each step mixes decodes and prefill chunks",
@@ -546,7 +557,7 @@ GROUPS: tuple[tuple[str, str, tuple[Flag, ...]], ...] = (
         F(REFUSE, "--grammar-backend", _SO, default="xgrammar"),
         F(WARN, "--enable-torch-compile", "XLA compiles the whole step already", SWITCH),
         F(WARN, "--torch-compile-max-bs", "XLA compiles the whole step already", int, 32),
-        F(WARN, "--torchao-config", "torchao is PyTorch-only", default=""),
+        F(REFUSE, "--torchao-config", "quantized weights", default=""),
         F(REFUSE, "--allow-auto-truncate", "truncating over-long prompts", SWITCH),
         F(WARN, "--base-gpu-id", "use CUDA_VISIBLE_DEVICES to pick devices", int, 0),
         F(WARN, "--gpu-id-step", "use CUDA_VISIBLE_DEVICES to pick devices", int, 1),
@@ -680,10 +691,11 @@ GROUPS: tuple[tuple[str, str, tuple[Flag, ...]], ...] = (
 )
 
 FLAGS: tuple[Flag, ...] = tuple(f for _, _, flags in GROUPS for f in flags)
-_BY_KEY = {f.key: f for f in FLAGS if f.kind not in (ALIAS,)}
+_BY_KEY = {f.key: f for f in FLAGS if f.kind != ALIAS}
 
 _DIALECT_DEFAULTS = {"vllm": {"host": None, "port": 8000},
                      "sglang": {"host": "127.0.0.1", "port": 30000}}
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "trace")
 _DEVICES = {"auto": None, "cpu": "cpu", "cuda": "cuda", "gpu": "cuda", "tpu": "tpu"}
 # vLLM CompilationConfig keys that choose CUDA graphs, Inductor passes or custom ops.
 _CC_IGNORED = frozenset(
@@ -698,9 +710,7 @@ _CC_IGNORED = frozenset(
 
 def _help(flag: Flag) -> str:
     text = {WARN: "ignored on JAX: ", REFUSE: "not implemented in jaxserve yet: ",
-            ALIAS: "SGLang spelling ", MAPPED: "mapped: "}.get(flag.kind, "") + flag.note
-    if flag.kind == ALIAS and flag.type is not SWITCH and flag.action is None:
-        text = flag.note.replace("= ", "SGLang spelling of ")
+            MAPPED: "mapped: "}.get(flag.kind, "") + flag.note
     if flag.type is not SWITCH and flag.default not in (None, argparse.SUPPRESS, "", []):
         text += f" (default: {flag.default})"
     return text.replace("%", "%%")
@@ -732,7 +742,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 @functools.lru_cache(maxsize=1)
 def _serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="jaxserve serve", allow_abbrev=False,
+        prog="jaxserve serve", usage="%(prog)s [MODEL] [options]", allow_abbrev=False,
         description="Serve a model over the OpenAI API; takes `vllm serve` flags and SGLang's "
                     "spellings of them.")
     add_serve_args(parser)
@@ -740,68 +750,57 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- argv rewrites
-_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return parser._option_string_actions  # noqa: SLF001 (argparse has no public lookup)
+    return parser._option_string_actions  # argparse has no public lookup by option string
 
 
-def _expand_config(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
-    """`--config FILE.yaml`: its keys become flags placed before the command line."""
+def _expand_config(argv: list[str], parser: argparse.ArgumentParser
+                   ) -> tuple[list[str], str | None]:
+    """`--config FILE.yaml` -> (its keys as flags placed before `argv`, its model if any).
+
+    The file's model is returned apart: it only applies when the command line names none.
+    """
     path = None
     for i, tok in enumerate(argv):
         if tok == "--config" and i + 1 < len(argv):
             path = argv[i + 1]
         elif tok.startswith("--config="):
-            path = tok.split("=", 1)[1]
+            path = tok.partition("=")[2]
     if path is None:
-        return argv
+        return argv, None
     import yaml
 
     with open(path) as f:
         config = yaml.safe_load(f) or {}
     if not isinstance(config, dict):
         raise ValueError(f"--config {path}: expected a mapping of flag names to values")
-    actions = _actions(parser)
-    model_on_cli = any(t in ("--model", "--model-path") or t.startswith(("--model=",
-                       "--model-path=")) for t in argv) or _positional_given(argv, parser)
-    tokens: list[str] = []
+    actions, tokens, model = _actions(parser), [], None
     for key, value in config.items():
         opt = "--" + str(key).replace("_", "-")
         if opt not in actions:
             raise ValueError(f"--config {path}: unknown key {key!r}")
-        if actions[opt].dest == "model" and model_on_cli:
+        if actions[opt].dest == "model":
+            model = str(value)
             continue
         tokens += _config_tokens(opt, value, actions[opt], actions)
-    return tokens + argv
+    return tokens + argv, model
 
 
 def _config_tokens(opt: str, value: Any, action: argparse.Action,
                    actions: dict[str, argparse.Action]) -> list[str]:
-    if action.nargs == 0:
-        if value:
-            return [opt]
+    if action.nargs == 0:  # a switch
         negative = "--no-" + opt[2:]
-        return [negative] if negative in actions else []
+        return [opt] if value else [negative] if negative in actions else []
     if isinstance(value, dict) or (isinstance(value, list) and action.type is json_list):
         return [opt, json.dumps(value)]
     if isinstance(value, list):
-        if isinstance(action, argparse._AppendAction):  # noqa: SLF001
+        if isinstance(action, argparse._AppendAction):
             return [t for v in value for t in (opt, str(v))]
         return [opt, *map(str, value)]
     return [opt, str(value)]
-
-
-def _positional_given(argv: list[str], parser: argparse.ArgumentParser) -> bool:
-    """Cheap look for a bare word that is not a flag's value (the positional MODEL)."""
-    actions, prev = _actions(parser), None
-    for tok in argv:
-        if not tok.startswith("-") and (prev is None or prev.nargs == 0 or "=" in (prev_tok or "")):
-            return True
-        prev_tok = tok
-        prev = actions.get(tok.split("=", 1)[0]) if tok.startswith("-") else None
-    return False
 
 
 def _normalise_switches(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -811,27 +810,24 @@ def _normalise_switches(argv: list[str], parser: argparse.ArgumentParser) -> lis
         tok = argv[i]
         head, eq, value = tok.partition("=")
         action = actions.get(head) if tok.startswith("-") else None
-        if action is not None and action.nargs == 0:
-            if not eq and i + 1 < len(argv) and argv[i + 1].lower() in _TRUE + _FALSE:
-                value, eq = argv[i + 1], "="
-                i += 1
-            if eq:
-                if value.lower() not in _TRUE + _FALSE:
-                    raise ValueError(f"{head} takes no value or true/false, got {value!r}")
-                negative = "--no-" + head.lstrip("-")
-                if value.lower() in _TRUE:
-                    out.append(head)
-                elif negative in actions:
-                    out.append(negative)
-                i += 1
-                continue
-        out.append(tok)
+        if action is None or action.nargs != 0:
+            out.append(tok)
+            i += 1
+            continue
+        if not eq and i + 1 < len(argv) and argv[i + 1].lower() in _TRUE + _FALSE:
+            eq, value = "=", argv[i + 1]
+            i += 1
         i += 1
+        if not eq:
+            out.append(tok)
+        elif value.lower() in _TRUE:
+            out.append(head)
+        elif value.lower() in _FALSE:
+            negative = "--no-" + head.lstrip("-")
+            out += [negative] if negative in actions else []
+        else:
+            raise ValueError(f"{head} takes no value or true/false, got {value!r}")
     return out
-
-
-def _json_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {s: a for s, a in _actions(parser).items() if a.type in (json_object, mm_limits)}
 
 
 def _parse_leaf(text: str) -> Any:
@@ -848,26 +844,43 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _set_path(obj: dict[str, Any], path: str, text: str) -> None:
+def _set_path(obj: dict[str, Any], path: str, text: str, name: str) -> None:
+    """`a.b 3` sets obj["a"]["b"] = 3; `a.b+ 1,2` appends 1 and 2 to the list obj["a"]["b"]."""
     *parents, last = path.split(".")
-    for p in parents:
-        obj = obj.setdefault(p, {})
+    for key in parents:
+        obj = obj.setdefault(key, {})
         if not isinstance(obj, dict):
-            raise ValueError(f"cannot set {path!r}: {p!r} is not an object")
+            raise ValueError(f"{name}.{path}: {key!r} is not an object")
     if last.endswith("+"):
         items = obj.setdefault(last[:-1], [])
         if not isinstance(items, list):
-            raise ValueError(f"cannot append to {path[:-1]!r}: it is not a list")
+            raise ValueError(f"{name}.{path}: {last[:-1]!r} is not a list")
         items.extend(_parse_leaf(t) for t in text.split(","))
     else:
         obj[last] = _parse_leaf(text)
 
 
+def _match_json_flag(tok: str, flags: dict[str, argparse.Action]
+                     ) -> tuple[str, str | None, str | None] | None:
+    """(option string, dotted path or None, inline value or None) when `tok` sets a JSON flag."""
+    head, eq, inline = tok.partition("=")
+    for s in flags:
+        if head == s:
+            return s, None, inline if eq else None
+        if head.startswith(s + "."):
+            return s, head[len(s) + 1:], inline if eq else None
+        if len(s) == 2 and tok.startswith(s) and tok[2] not in ".=":
+            return s, None, tok[2:]  # -O3
+    return None
+
+
 def _fold_json_flags(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
-    """Dotted keys, `+` appends, `-O3` and bare JSON of each JSON flag become one JSON object."""
-    flags = _json_flags(parser)
+    """Bare JSON, dotted keys, `+` appends and `-O3` of each JSON flag -> one JSON object,
+    merged in order and placed where the flag first appeared."""
+    flags = {s: a for s, a in _actions(parser).items()
+             if a.type in (json_object, compilation_json, mm_limits)}
     merged: dict[str, dict[str, Any]] = {}
-    where: dict[str, int] = {}
+    where: dict[str, int] = {}  # canonical spelling -> index of its value in `out`
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -875,50 +888,31 @@ def _fold_json_flags(argv: list[str], parser: argparse.ArgumentParser) -> list[s
         if tok == "--":
             out += argv[i:]
             break
-        head, eq, inline = tok.partition("=")
-        hit = None
-        if tok.startswith("-"):
-            for s in flags:
-                if head == s:
-                    hit = (s, None)
-                elif head.startswith(s + "."):
-                    hit = (s, head[len(s) + 1:])
-                elif len(s) == 2 and tok.startswith(s) and tok[2:3] not in ("", ".", "="):
-                    hit, eq, inline = (s, None), "=", tok[2:]  # -O3
-                if hit:
-                    break
+        hit = _match_json_flag(tok, flags) if tok.startswith("-") else None
+        i += 1
         if hit is None:
             out.append(tok)
-            i += 1
             continue
-        s, path = hit
-        if not eq:
-            if i + 1 >= len(argv):
-                raise ValueError(f"{head} needs a value")
-            inline = argv[i + 1]
-            i += 1
-        i += 1
+        s, path, value = hit
+        name = tok.partition("=")[0]
+        if value is None:
+            if i >= len(argv):
+                raise ValueError(f"{name} needs a value")
+            value, i = argv[i], i + 1
         action = flags[s]
         canonical = action.option_strings[0]
+        if canonical not in merged:  # keep the first spelling typed, for messages
+            merged[canonical], where[canonical] = {}, len(out) + 1
+            out += [s, ""]  # the value is filled in below
         if path is None:
             try:
-                update = action.type(inline)
+                merged[canonical] = _merge(merged[canonical], action.type(value))
             except argparse.ArgumentTypeError as e:
-                raise ValueError(f"{head}: {e}") from None
+                raise ValueError(f"{name}: {e}") from None
         else:
-            update = {}
-            _set_path(update, path, inline)
-        prior = merged.get(canonical, {})
-        for key, value in update.items():  # `+` appends extend lists given earlier
-            if isinstance(value, list) and path and path.endswith("+") and \
-                    isinstance(prior.get(key), list):
-                update[key] = prior[key] + value
-        merged[canonical] = _merge(prior, update)
-        if canonical not in where:
-            where[canonical] = len(out)
-            out.append(canonical)
-    for canonical, pos in sorted(where.items(), key=lambda kv: -kv[1]):
-        out.insert(pos + 1, json.dumps(merged[canonical]))
+            _set_path(merged[canonical], path, value, s)
+    for canonical, k in where.items():
+        out[k] = json.dumps(merged[canonical])
     return out
 
 
@@ -928,9 +922,9 @@ def _typed(argv: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
     for tok in argv:
         if tok == "--":
             break
-        action = actions.get(tok.partition("=")[0]) if tok.startswith("-") else None
-        if action is not None:
-            typed[action.dest] = tok.partition("=")[0]
+        head = tok.partition("=")[0]
+        if tok.startswith("-") and head in actions:
+            typed[actions[head].dest] = head
     return typed
 
 
@@ -943,54 +937,53 @@ def parse_serve_args(argv: list[str]) -> argparse.Namespace:
     initialise a JAX backend (`--device` only sets JAX_PLATFORMS).
     """
     parser = _serve_parser()
-    argv = _expand_config(list(argv), parser)
+    argv, config_model = _expand_config(list(argv), parser)
     argv = _normalise_switches(argv, parser)
     argv = _fold_json_flags(argv, parser)
     typed = _typed(argv, parser)
     ns = parser.parse_args(argv)
-    _resolve_model(ns, typed)
+    _resolve_model(ns, typed, config_model)
     _refuse(ns, typed)
-    _apply_dialect(ns, typed)
+    _apply_frontend(ns, typed)
     engine_kwargs = _engine_kwargs(ns, typed)
     _warn(ns, typed)
-    _apply_environment(ns, typed)
+    _apply_environment(ns)
     ns.engine_args = _build_engine_args(ns, engine_kwargs, typed)
     return ns
 
 
-def _name(flag: Flag, typed: dict[str, str]) -> str:
-    return typed.get(flag.key, flag.names[0])
-
-
-def _resolve_model(ns: argparse.Namespace, typed: dict[str, str]) -> None:
-    if ns.model_tag is not None and ns.model is not None and ns.model_tag != ns.model:
-        raise ValueError(f"the positional model {ns.model_tag!r} and {typed.get('model', '--model')}"
-                         f" {ns.model!r} differ; give one")
-    ns.model = ns.model_tag or ns.model
+def _name(key: str, typed: dict[str, str]) -> str:
+    """The flag as the user typed it, else its canonical spelling."""
+    return typed.get(key) or _BY_KEY[key].names[0]
 
 
 def _show(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
+def _resolve_model(ns: argparse.Namespace, typed: dict[str, str], config_model: str | None
+                   ) -> None:
+    if ns.model_tag is not None and ns.model is not None and ns.model_tag != ns.model:
+        raise ValueError(f"the positional model {ns.model_tag!r} and {_name('model', typed)} "
+                         f"{ns.model!r} differ; give one")
+    ns.model = ns.model_tag or ns.model or config_model
+
+
 def _refuse(ns: argparse.Namespace, typed: dict[str, str]) -> None:
     problems = []
     for flag in FLAGS:
-        if flag.kind != REFUSE:
-            continue
         value = getattr(ns, flag.key)
-        if flag.is_neutral(value):
-            continue
-        name = _name(flag, typed)
-        shown = name if value is True else f"{name} {_show(value)}"
-        problems.append(f"{shown} is not implemented in jaxserve yet ({flag.note})")
-    if ns.schedule_policy not in (None, "fcfs"):
-        problems.append(f"{_name(_BY_KEY['schedule_policy'], typed)} {ns.schedule_policy} is not "
-                        "implemented in jaxserve yet (fcfs is; vLLM's priority policy is "
+        if flag.kind == REFUSE and not flag.is_neutral(value):
+            name = _name(flag.key, typed)
+            shown = name if isinstance(value, bool) else f"{name} {_show(value)}"
+            problems.append(f"{shown} is not implemented in jaxserve yet ({flag.note})")
+    if ns.schedule_policy != "fcfs":
+        problems.append(f"{_name('schedule_policy', typed)} {ns.schedule_policy} is not "
+                        "implemented in jaxserve yet (fcfs is; for priorities use "
                         "--scheduling-policy priority)")
     if ns.device not in _DEVICES:
-        problems.append(f"{_name(_BY_KEY['device'], typed)} {ns.device} is not supported by "
-                        f"jaxserve (use one of {', '.join(_DEVICES)})")
+        problems.append(f"{_name('device', typed)} {ns.device} is not supported by jaxserve "
+                        f"(use one of {', '.join(_DEVICES)})")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -998,43 +991,49 @@ def _refuse(ns: argparse.Namespace, typed: dict[str, str]) -> None:
 def _warn(ns: argparse.Namespace, typed: dict[str, str]) -> None:
     for flag in FLAGS:
         if flag.kind == WARN and not flag.is_neutral(getattr(ns, flag.key)):
-            logger.warning("%s is ignored on JAX: %s", _name(flag, typed), flag.note)
+            logger.warning("%s is ignored on JAX: %s", _name(flag.key, typed), flag.note)
 
 
-def _apply_dialect(ns: argparse.Namespace, typed: dict[str, str]) -> None:
+def _apply_frontend(ns: argparse.Namespace, typed: dict[str, str]) -> None:
+    """The dialect's defaults and the SGLang spellings of frontend options."""
     for key, value in _DIALECT_DEFAULTS[ns.backend].items():
         if key not in typed:
             setattr(ns, key, value)
-    if ns.backend == "vllm" or ns.enable_metrics is None:
-        ns.enable_metrics = ns.backend == "vllm" or bool(ns.enable_metrics)
+    ns.enable_metrics = ns.backend == "vllm" or bool(ns.enable_metrics)
+    for key in ("log_level", "log_level_http"):
+        level = getattr(ns, key)
+        if level is not None and level.lower() not in _LOG_LEVELS:
+            raise ValueError(f"{_name(key, typed)} must be one of {', '.join(_LOG_LEVELS)}, "
+                             f"got {level!r}")
     if ns.log_level_http is not None:
-        ns.uvicorn_log_level = ns.log_level_http
+        ns.uvicorn_log_level = ns.log_level_http.lower()
     ns.enable_prompt_tokens_details = ns.enable_prompt_tokens_details or ns.enable_cache_report
 
 
-def _apply_environment(ns: argparse.Namespace, typed: dict[str, str]) -> None:
-    """`--device` and `--hf-token`: environment for JAX and the hub, set before either starts."""
+def _apply_environment(ns: argparse.Namespace) -> None:
+    """`--device` and `--hf-token` set the environment of JAX and the hub before either starts."""
     platform = _DEVICES[ns.device]
     if platform is not None:
         os.environ["JAX_PLATFORMS"] = platform
-        if "jax" in sys.modules:  # imported but (we hope) not initialised: tell its config too
+        if "jax" in sys.modules:  # imported, not yet initialised: its config read the env already
             sys.modules["jax"].config.update("jax_platforms", platform)
     if isinstance(ns.hf_token, str):
         os.environ["HF_TOKEN"] = ns.hf_token
 
 
 def _powers_of_two_to(cap: int, name: str) -> tuple[int, ...]:
-    if cap < 1:
-        raise ValueError(f"{name} must be at least 1, got {cap}")
-    sizes = [1 << k for k in range(cap.bit_length()) if 1 << k <= cap]
-    return tuple(sorted(set(sizes) | {cap}))
+    if not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"{name} must be a positive integer, got {cap!r}")
+    return tuple(sorted({1 << k for k in range(cap.bit_length())} | {cap}))
 
 
-def _compilation(ns: argparse.Namespace, typed: dict[str, str]) -> tuple[list, list]:
-    """`--compilation-config` -> (size lists, caps), each entry (flag name, value)."""
-    cc, name = ns.compilation_config or {}, typed.get("compilation_config", "--compilation-config")
-    lists, caps, ignored = [], [], []
-    for key, value in cc.items():
+def _compilation(ns: argparse.Namespace, typed: dict[str, str]
+                 ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]], str | None]:
+    """`--compilation-config` -> (size lists, caps, cache dir); lists and caps hold
+    (where it came from, value)."""
+    name = _name("compilation_config", typed)
+    lists, caps, cache_dir, ignored = [], [], None, []
+    for key, value in (ns.compilation_config or {}).items():
         if key in ("level", "mode"):
             logger.info("%s %s=%s: XLA always compiles the whole step, whatever the level",
                         name, key, value)
@@ -1043,8 +1042,7 @@ def _compilation(ns: argparse.Namespace, typed: dict[str, str]) -> tuple[list, l
         elif key == "max_cudagraph_capture_size":
             caps.append((f"{name} max_cudagraph_capture_size", value))
         elif key == "cache_dir":
-            if value:
-                ns.compilation_cache_dir = value
+            cache_dir = value or None
         elif key in _CC_IGNORED:
             ignored.append(key)
         else:
@@ -1052,63 +1050,64 @@ def _compilation(ns: argparse.Namespace, typed: dict[str, str]) -> tuple[list, l
     if ignored:
         logger.warning("%s %s: ignored on JAX (CUDA graph, Inductor and custom-op settings)",
                        name, ", ".join(ignored))
-    return lists, caps
+    return lists, caps, cache_dir
 
 
-def _compile_sizes(ns: argparse.Namespace, typed: dict[str, str]) -> tuple[int, ...] | None:
-    """Every spelling of CUDA-graph sizes -> compiled token buckets; a list beats a cap."""
-    lists, caps = _compilation(ns, typed)
+def _compile_sizes(ns: argparse.Namespace, typed: dict[str, str], lists: list, caps: list
+                   ) -> tuple[int, ...] | None:
+    """Every spelling of CUDA-graph sizes -> compiled token buckets. A list of sizes is used as
+    given (capped by any maximum); a maximum alone means powers of two up to it."""
     for key in ("cudagraph_capture_sizes", "cuda_graph_bs"):
         if getattr(ns, key):
-            lists.append((typed.get(key, key), getattr(ns, key)))
+            lists.append((_name(key, typed), getattr(ns, key)))
     for key in ("max_cudagraph_capture_size", "cuda_graph_max_bs"):
         if getattr(ns, key) is not None:
-            caps.append((typed.get(key, key), getattr(ns, key)))
-    if ns.cuda_graph_sizes:
-        target = lists if len(ns.cuda_graph_sizes) > 1 else caps
-        value = ns.cuda_graph_sizes if target is lists else ns.cuda_graph_sizes[0]
-        target.append((typed.get("cuda_graph_sizes", "--cuda-graph-sizes"), value))
-    for kind in (lists, caps):
-        if len({_show(v) for _, v in kind}) > 1:
+            caps.append((_name(key, typed), getattr(ns, key)))
+    if ns.cuda_graph_sizes:  # vLLM: several values are the sizes, one value the maximum
+        name = _name("cuda_graph_sizes", typed)
+        if len(ns.cuda_graph_sizes) > 1:
+            lists.append((name, ns.cuda_graph_sizes))
+        else:
+            caps.append((name, ns.cuda_graph_sizes[0]))
+    for given in (lists, caps):
+        if len({_show(v) for _, v in given}) > 1:
             raise ValueError("conflicting compile sizes: " + ", ".join(
-                f"{n} {_show(v)}" for n, v in kind))
+                f"{n} {_show(v)}" for n, v in given))
     if lists:
         name, sizes = lists[0]
-        if not isinstance(sizes, list) or not all(isinstance(s, int) and s > 0 for s in sizes):
+        if not isinstance(sizes, list) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
             raise ValueError(f"{name} must be positive token counts, got {_show(sizes)}")
         if caps:
             sizes = [s for s in sizes if s <= caps[0][1]] or sizes
         return tuple(sorted(set(sizes)))
     if caps:
-        name, cap = caps[0]
-        if not isinstance(cap, int):
-            raise ValueError(f"{name} must be an integer, got {cap!r}")
-        return _powers_of_two_to(cap, name)
+        return _powers_of_two_to(caps[0][1], caps[0][0])
     return None
 
 
 def _engine_kwargs(ns: argparse.Namespace, typed: dict[str, str]) -> dict[str, Any]:
     """The EngineArgs fields, with every mapped spelling folded in."""
     kw = {f.key: getattr(ns, f.key) for f in FLAGS if f.kind == ENGINE}
+    kw["model"] = ns.model
     kw["chat_template"] = ns.chat_template
     kw["served_model_name"] = ns.served_model_name[0] if ns.served_model_name else None
     if kw["max_model_len"] is not None and kw["max_model_len"] < 0:
         kw["max_model_len"] = None  # -1/auto: the model's own length
     if kw["max_logprobs"] < 0:
-        logger.warning("%s %d (no cap) is capped at %d: the compiled sampler returns at most %d",
-                       typed.get("max_logprobs", "--max-logprobs"), kw["max_logprobs"],
-                       MAX_LOGPROBS, MAX_LOGPROBS)
+        logger.warning("%s %d (no cap) is capped at %d: the compiled sampler returns at most "
+                       "that many", _name("max_logprobs", typed), kw["max_logprobs"],
+                       MAX_LOGPROBS)
         kw["max_logprobs"] = MAX_LOGPROBS
-    overrides = dict(ns.hf_overrides or {})
-    overrides = _merge(overrides, ns.json_model_override_args or {})
+    overrides = _merge(ns.hf_overrides or {}, ns.json_model_override_args or {})
     if ns.rope_scaling:
         overrides["rope_scaling"] = ns.rope_scaling
     if ns.rope_theta is not None:
         overrides["rope_theta"] = ns.rope_theta
     kw["hf_overrides"] = overrides or None
     kw["override_generation_config"] = ns.override_generation_config or None
-    kw["compile_sizes"] = _compile_sizes(ns, typed)
-    kw["compilation_cache_dir"] = getattr(ns, "compilation_cache_dir", None)
+    lists, caps, kw["compilation_cache_dir"] = _compilation(ns, typed)
+    kw["compile_sizes"] = _compile_sizes(ns, typed, lists, caps)
     kw["enforce_eager"] = ns.enforce_eager or ns.disable_cuda_graph
     if ns.disable_radix_cache:
         kw["enable_prefix_caching"] = False
@@ -1126,10 +1125,11 @@ def _build_engine_args(ns: argparse.Namespace, kw: dict[str, Any], typed: dict[s
     from jaxserve.engine.args import EngineArgs  # after _apply_environment: it imports jax
 
     args = EngineArgs(**kw)
-    if ns.max_total_tokens is not None:
-        name = typed.get("max_total_tokens", "--max-total-tokens")
+    if ns.max_total_tokens is not None:  # SGLang's KV pool size in tokens -> pages
+        name = _name("max_total_tokens", typed)
         if args.num_gpu_blocks_override is not None:
-            raise ValueError(f"give {name} or --num-gpu-blocks-override, not both")
+            raise ValueError(f"give {name} or {_name('num_gpu_blocks_override', typed)}, "
+                             "not both")
         if ns.max_total_tokens < 1:
             raise ValueError(f"{name} must be positive, got {ns.max_total_tokens}")
         pages = math.ceil(ns.max_total_tokens / args.cache_config().block_size)
