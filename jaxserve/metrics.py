@@ -8,6 +8,9 @@ process (tests) do not mix their counts.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 # vLLM's histogram buckets (seconds).
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -18,13 +21,25 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
                 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
                   100000)
+_PHASE_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                  120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0)
+_N_BUCKETS = (1, 2, 5, 10, 20)
 
 
 class Metrics:
     """The engine's counters, gauges and latency histograms, labelled with the model name."""
 
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None,
+                 cache_info: dict[str, str] | None = None):
+        if registry is None:
+            registry = CollectorRegistry()
+            # The process_*, python_* and python_gc_* families a default registry has.
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        self.registry = registry
         labels = ["model_name"]
         r = self.registry
 
@@ -68,6 +83,32 @@ class Metrics:
         self.request_generation_tokens = histogram("vllm:request_generation_tokens",
                                                    "Generated tokens per finished request.",
                                                    _TOKEN_BUCKETS)
+        self.prompt_tokens_cached = counter("vllm:prompt_tokens_cached",
+                                            "Prompt tokens served from the prefix cache.").labels(
+            model_name)
+        self.iteration_tokens = histogram("vllm:iteration_tokens_total",
+                                          "Tokens per engine step.", _TOKEN_BUCKETS)
+        self.queue_time = histogram("vllm:request_queue_time_seconds",
+                                    "Time from arrival to first scheduling.", _PHASE_BUCKETS)
+        self.prefill_time = histogram("vllm:request_prefill_time_seconds",
+                                      "Time from first scheduling to first token.",
+                                      _PHASE_BUCKETS)
+        self.decode_time = histogram("vllm:request_decode_time_seconds",
+                                     "Time from first token to the last.", _PHASE_BUCKETS)
+        self.inference_time = histogram("vllm:request_inference_time_seconds",
+                                        "Time from first scheduling to the last token.",
+                                        _PHASE_BUCKETS)
+        self.tpot = histogram("vllm:request_time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request.",
+                              _TPOT_BUCKETS)
+        self.params_max_tokens = histogram("vllm:request_params_max_tokens",
+                                           "The max_tokens of finished requests.", _TOKEN_BUCKETS)
+        self.params_n = histogram("vllm:request_params_n", "The n of finished requests.",
+                                  _N_BUCKETS)
+        if cache_info:
+            info = Gauge("vllm:cache_config_info", "The KV cache's configuration.",
+                         sorted(cache_info), registry=r)
+            info.labels(**cache_info).set(1)
         self._last_queries = self._last_hits = self._last_preemptions = 0
 
     # ---- called by the engine thread -------------------------------------------------------
@@ -77,6 +118,8 @@ class Metrics:
         """Per step; the prefix-cache and preemption arguments are running totals."""
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(generation_tokens)
+        if prompt_tokens or generation_tokens:
+            self.iteration_tokens.observe(prompt_tokens + generation_tokens)
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
@@ -94,9 +137,24 @@ class Metrics:
         else:
             self.itl.observe(now - previous)
 
-    def record_finished(self, reason: str, arrival: float, now: float, prompt_tokens: int,
-                        generation_tokens: int) -> None:
+    def record_finished(self, reason: str, timing, now: float, prompt_tokens: int,
+                        generation_tokens: int, max_tokens: int | None, n: int) -> None:
+        """A finished (or aborted) request; `timing` is its `RequestMetrics`."""
         self._success.labels(self._model, reason).inc()
-        self.e2e.observe(now - arrival)
+        self.e2e.observe(now - timing.arrival_time)
         self.request_prompt_tokens.observe(prompt_tokens)
         self.request_generation_tokens.observe(generation_tokens)
+        self.prompt_tokens_cached.inc(timing.num_cached_tokens)
+        if max_tokens is not None:
+            self.params_max_tokens.observe(max_tokens)
+        self.params_n.observe(n)
+        scheduled, first = timing.first_scheduled_time, timing.first_token_time
+        if scheduled is not None:
+            self.queue_time.observe(scheduled - timing.arrival_time)
+            self.inference_time.observe(now - scheduled)
+            if first is not None:
+                self.prefill_time.observe(first - scheduled)
+        if first is not None:
+            self.decode_time.observe(now - first)
+            if generation_tokens > 1:
+                self.tpot.observe((now - first) / (generation_tokens - 1))

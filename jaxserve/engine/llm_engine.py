@@ -158,6 +158,12 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return self._postprocess(out, None)[0]
+        if self.metrics is not None:
+            now = time.time()
+            for seq in out.seqs:
+                state = self.requests.get(seq.request_id)
+                if state is not None and state.metrics.first_scheduled_time is None:
+                    state.metrics.first_scheduled_time = now
         result = self.runner.execute(out)
         self.scheduler.update_from_output(out)
         outputs, num_sampled = self._postprocess(out, result)
@@ -222,9 +228,9 @@ class LLMEngine:
         return outputs, num_sampled
 
     def _record_finished(self, state: RequestState, reason: str, now: float) -> None:
-        self.metrics.record_finished(reason, state.metrics.arrival_time, now,
-                                     len(state.prompt_token_ids),
-                                     sum(c.seq.num_output_tokens for c in state.completions))
+        self.metrics.record_finished(reason, state.metrics, now, len(state.prompt_token_ids),
+                                     sum(c.seq.num_output_tokens for c in state.completions),
+                                     state.params.max_tokens, state.params.n)
 
     def abort_all(self) -> None:
         for request_id in list(self.requests):

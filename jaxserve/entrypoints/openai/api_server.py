@@ -67,7 +67,7 @@ def error_response(e: RequestError) -> JSONResponse:
 def _validation_error(e: pydantic.ValidationError) -> RequestError:
     first = e.errors()[0] if e.errors() else {}
     loc = ".".join(str(x) for x in first.get("loc", ()) if x not in ("body",))
-    msg = first.get("msg", str(e))
+    msg = first.get("msg", str(e)).removeprefix("Value error, ")
     return RequestError(f"{loc}: {msg}" if loc else msg, param=loc or None)
 
 
@@ -245,7 +245,11 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
     completions = OpenAIServingCompletion(engine, options)
     chat = OpenAIServingChat(engine, options, chat_template=chat_template)
     if core.metrics is None:
-        core.metrics = Metrics(names[0])
+        cache = core.cache_config
+        core.metrics = Metrics(names[0], cache_info={
+            "block_size": str(cache.block_size), "num_gpu_blocks": str(core.runner.num_pages),
+            "cache_dtype": str(core.runner.kv_cache.dtype),
+            "enable_prefix_caching": str(cache.enable_prefix_caching)})
     metrics = core.metrics
     load = {"in_flight": 0}
 

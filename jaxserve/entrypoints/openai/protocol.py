@@ -25,7 +25,7 @@ class _Response(OpenAIBaseModel):
     """A response part whose vLLM-only fields are left out of the JSON unless filled in."""
 
     _omit_if_none: ClassVar[tuple[str, ...]] = ("token_ids", "prompt_token_ids",
-                                                "prompt_logprobs", "stop_reason")
+                                                "prompt_logprobs")
 
     @model_serializer(mode="wrap")
     def _omit_empty_extras(self, handler):
@@ -33,6 +33,20 @@ class _Response(OpenAIBaseModel):
         for key in self._omit_if_none:
             if key in data and data[key] is None:
                 del data[key]
+        return data
+
+
+class _StreamResponse(OpenAIBaseModel):
+    """A stream chunk: `usage` is present (null until the last chunk) only when the client asked
+    for it with stream_options.include_usage, as OpenAI's API has it."""
+
+    @model_serializer(mode="wrap")
+    def _usage_only_when_asked(self, handler, info):
+        data = handler(self)
+        if data.get("usage") is None and not (info.context or {}).get("include_usage"):
+            data.pop("usage", None)
+        if data.get("system_fingerprint") is None:
+            data.pop("system_fingerprint", None)
         return data
 
 
@@ -106,11 +120,15 @@ class _SamplingFields(OpenAIBaseModel):
     structured_outputs: Any = None
     logits_processors: Any = None
 
-    @model_validator(mode="after")
-    def _check_stream_options(self):
+    def problem(self) -> tuple[str, str] | None:
+        """(message, param) for the first field that is wrong together with another one, or
+        that asks for something jaxserve does not do yet."""
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options can only be given when stream is true")
-        return self
+            return "stream_options can only be given when stream is true", "stream_options"
+        message = self.unsupported()
+        if message is not None:
+            return message, message.split()[0].rstrip(":")
+        return None
 
     def unsupported(self) -> str | None:
         """The first field asking for something jaxserve does not do yet, as an error message."""
@@ -186,6 +204,7 @@ class UsageInfo(OpenAIBaseModel):
     total_tokens: int = 0
     completion_tokens: int | None = 0
     prompt_tokens_details: PromptTokenUsageInfo | None = None
+    completion_tokens_details: dict[str, int] | None = None
 
 
 class CompletionResponseChoice(_Response):
@@ -219,13 +238,14 @@ class CompletionStreamChoice(_Response):
     prompt_token_ids: list[int] | None = None
 
 
-class CompletionStreamResponse(OpenAIBaseModel):
+class CompletionStreamResponse(_StreamResponse):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
     choices: list[CompletionStreamChoice]
     usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
 
 
 # ---- chat ---------------------------------------------------------------------------------------
@@ -271,14 +291,13 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _check_chat(self):
+    def problem(self) -> tuple[str, str] | None:
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs set to true")
+            return "top_logprobs needs logprobs set to true", "top_logprobs"
         if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be "
-                             "true")
-        return self
+            return ("continue_final_message and add_generation_prompt cannot both be true",
+                    "continue_final_message")
+        return super().problem()
 
     def unsupported(self) -> str | None:
         if self.tools and self.tool_choice not in (None, "none"):
@@ -303,11 +322,19 @@ class ChatCompletionLogProbs(OpenAIBaseModel):
     content: list[ChatLogProbsContent] | None = None
 
 
-class AssistantMessage(OpenAIBaseModel):
+class AssistantMessage(_Response):
+    """OpenAI's message fields (null when unused); tool_calls only when there are some."""
+
+    _omit_if_none: ClassVar[tuple[str, ...]] = ("tool_calls",)
+
     role: str = "assistant"
     content: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    reasoning: str | None = None
 
 
 class ChatCompletionResponseChoice(_Response):
@@ -347,13 +374,14 @@ class ChatCompletionStreamChoice(_Response):
     token_ids: list[int] | None = None
 
 
-class ChatCompletionStreamResponse(OpenAIBaseModel):
+class ChatCompletionStreamResponse(_StreamResponse):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
 
 
 # ---- models, tokenize ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from jaxserve import __version__
 from jaxserve.engine.async_engine import AsyncLLMEngine
 from jaxserve.entrypoints.openai.protocol import (MIN_LOGPROB, ChatLogProb, ChatLogProbsContent,
                                                   CompletionLogProbs, PromptTokenUsageInfo,
@@ -32,6 +33,17 @@ class RequestError(Exception):
         # OpenAI's API calls every client-side mistake an invalid_request_error, and tells them
         # apart by `code` (model_not_found, invalid_api_key, ...).
         return "invalid_request_error"
+
+
+SYSTEM_FINGERPRINT = f"jaxserve-{__version__}"
+
+
+def value_error(e: ValueError, fields) -> RequestError:
+    """A 400 for a ValueError from SamplingParams or the engine; `param` is the field the message
+    starts with, when it names one."""
+    message = str(e)
+    first = message.split(" ", 1)[0].strip(":,")
+    return RequestError(message, param=first if first in fields else None)
 
 
 @dataclass
@@ -58,6 +70,9 @@ class OpenAIServing:
         self.tokenizer = self.core.tokenizer
         self.max_model_len = self.core.max_model_len
         self.default_sampling = dict(self.core.default_sampling_params)
+        # Field names an error message may start with (its `param`).
+        self.fields = set(SamplingParams.__dataclass_fields__) | {"prompt", "messages",
+                                                                  "top_logprobs"}
 
     # ---- checks ----------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -85,7 +100,8 @@ class OpenAIServing:
             raise RequestError(
                 f"This model's maximum context length is {limit} tokens. However, your request "
                 f"has {prompt_len} input tokens. Please reduce the length of the input {what}.",
-                param="messages" if what == "messages" else "prompt")
+                param="messages" if what == "messages" else "prompt",
+                code="context_length_exceeded")
         room = limit - prompt_len
         if requested is None:
             default = self.default_sampling.get("max_tokens")
@@ -95,7 +111,7 @@ class OpenAIServing:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{prompt_len + requested} tokens ({prompt_len} in the {what}, {requested} in "
                 f"the completion). Please reduce the length of the {what} or completion.",
-                param="max_tokens")
+                param="max_tokens", code="context_length_exceeded")
         return requested
 
     def validate(self, ids: list[int], params: SamplingParams, priority: int) -> None:
@@ -103,7 +119,7 @@ class OpenAIServing:
         try:
             self.core.validate(ids, params)
         except ValueError as e:
-            raise RequestError(str(e)) from None
+            raise value_error(e, self.fields) from None
         if priority != 0 and self.core.scheduler_config.policy != "priority":
             raise RequestError("priority is only allowed with --scheduling-policy priority",
                                param="priority")

@@ -13,7 +13,8 @@ from jaxserve.entrypoints.openai.protocol import (AssistantMessage, ChatCompleti
                                                   ChatCompletionStreamChoice,
                                                   ChatCompletionStreamResponse, ChatMessage,
                                                   DeltaMessage)
-from jaxserve.entrypoints.openai.serving import OpenAIServing, RequestError
+from jaxserve.entrypoints.openai.serving import (SYSTEM_FINGERPRINT, OpenAIServing,
+                                                 RequestError, value_error)
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -79,9 +80,9 @@ class OpenAIServingChat(OpenAIServing):
 
     def prepare(self, request: ChatCompletionRequest) -> ChatPrompt:
         self.check_model(request.model)
-        problem = request.unsupported()
+        problem = request.problem()
         if problem is not None:
-            raise RequestError(problem)
+            raise RequestError(problem[0], param=problem[1])
         text = self.render(request.messages, add_generation_prompt=request.add_generation_prompt,
                            continue_final_message=request.continue_final_message,
                            chat_template=request.chat_template,
@@ -102,7 +103,10 @@ class OpenAIServingChat(OpenAIServing):
         try:
             params = request.sampling_params(max_tokens, top, self.default_sampling, kind)
         except ValueError as e:
-            raise RequestError(str(e)) from None
+            error = value_error(e, self.fields)
+            if error.param == "logprobs":
+                error.param = "top_logprobs"  # the chat field that asked for them
+            raise error from None
         self.validate(ids, params, request.priority)
         role = (self.options.response_role if request.add_generation_prompt
                 else request.messages[-1].role)
@@ -141,7 +145,8 @@ class OpenAIServingChat(OpenAIServing):
             usage=self.usage(len(prompt.ids), completion_tokens, final.num_cached_tokens),
             prompt_logprobs=(self.prompt_logprobs_json(final)
                              if request.prompt_logprobs is not None else None),
-            prompt_token_ids=list(prompt.ids) if request.return_token_ids else None)
+            prompt_token_ids=list(prompt.ids) if request.return_token_ids else None,
+            system_fingerprint=SYSTEM_FINGERPRINT)
 
     async def stream(self, request: ChatCompletionRequest, request_id: str, engine_id: str,
                      prompt: ChatPrompt) -> AsyncIterator[str]:
@@ -156,12 +161,14 @@ class OpenAIServingChat(OpenAIServing):
         started = [False] * request.n
         prompt_tokens, completion_tokens, cached = len(prompt.ids), 0, None
 
-        def chunk(choices, usage=None) -> str:
+        def chunk(choices, usage=None, last: bool = False) -> str:
             c = ChatCompletionStreamResponse(id=request_id, created=created, model=model,
                                              choices=choices)
             if usage is not None:
                 c.usage = usage
-            return c.model_dump_json()
+            if last:
+                c.system_fingerprint = SYSTEM_FINGERPRINT
+            return c.model_dump_json(context={"include_usage": include_usage})
 
         async for out in self.generate(engine_id, prompt.ids, prompt.params, prompt=prompt.text,
                                        priority=request.priority):
@@ -186,6 +193,7 @@ class OpenAIServingChat(OpenAIServing):
                     index=c.index, delta=DeltaMessage(content=c.text),
                     logprobs=self._logprobs(request, c.token_ids, c.logprobs),
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                    token_ids=list(c.token_ids) if request.return_token_ids else None)], usage)
+                    token_ids=list(c.token_ids) if request.return_token_ids else None)], usage,
+                    last=c.finish_reason is not None and not include_usage)
         if include_usage:
-            yield chunk([], self.usage(prompt_tokens, completion_tokens, cached or 0))
+            yield chunk([], self.usage(prompt_tokens, completion_tokens, cached or 0), last=True)

@@ -10,7 +10,8 @@ from jaxserve.entrypoints.openai.protocol import (CompletionRequest, CompletionR
                                                   CompletionResponseChoice,
                                                   CompletionStreamChoice,
                                                   CompletionStreamResponse)
-from jaxserve.entrypoints.openai.serving import OpenAIServing, RequestError, merge_streams
+from jaxserve.entrypoints.openai.serving import (SYSTEM_FINGERPRINT, OpenAIServing,
+                                                 RequestError, merge_streams, value_error)
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -39,11 +40,11 @@ class OpenAIServingCompletion(OpenAIServing):
     def prepare(self, request: CompletionRequest, request_id: str) -> list[_Prompt]:
         """Tokenize and check every prompt of the request; raises RequestError."""
         self.check_model(request.model)
-        problem = request.unsupported()
+        problem = request.problem()
         if problem is None and request.suffix is not None:
-            problem = "suffix is not supported"
+            problem = "suffix is not supported", "suffix"
         if problem is not None:
-            raise RequestError(problem)
+            raise RequestError(problem[0], param=problem[1])
         prompts = request.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -75,7 +76,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     # The echoed prompt carries its own logprobs.
                     params.prompt_logprobs = max(logprobs, params.prompt_logprobs or 0)
             except ValueError as e:
-                raise RequestError(str(e)) from None
+                raise value_error(e, self.fields) from None
             self.validate(ids, params, request.priority)
             out.append(_Prompt(text, ids, params, f"{request_id}-{i}"))
         return out
@@ -131,7 +132,8 @@ class OpenAIServingCompletion(OpenAIServing):
         prompt_tokens = sum(len(p.ids) for p in prompts)
         return CompletionResponse(id=request_id, model=request.model or self.model_name,
                                   choices=choices,
-                                  usage=self.usage(prompt_tokens, completion_tokens, cached))
+                                  usage=self.usage(prompt_tokens, completion_tokens, cached),
+                                  system_fingerprint=SYSTEM_FINGERPRINT)
 
     # ---- streaming -------------------------------------------------------------------------
     async def stream(self, request: CompletionRequest, request_id: str,
@@ -155,7 +157,6 @@ class OpenAIServingCompletion(OpenAIServing):
             if i not in seen_cached:
                 seen_cached.add(i)
                 cached += out.num_cached_tokens
-            choices = []
             for c in out.outputs:
                 st = states[(i, c.index)]
                 text, logprobs = c.text, None
@@ -178,22 +179,24 @@ class OpenAIServingCompletion(OpenAIServing):
                 completion_tokens += len(c.token_ids)
                 if not text and not c.token_ids and c.finish_reason is None:
                     continue
-                choices.append(CompletionStreamChoice(
+                choice = CompletionStreamChoice(
                     index=i * n + c.index, text=text, logprobs=logprobs,
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                     token_ids=list(c.token_ids) if request.return_token_ids else None,
                     prompt_token_ids=(list(p.ids) if request.return_token_ids
-                                      and not st.token_ids else None)))
+                                      and not st.token_ids else None))
                 st.token_ids.extend(c.token_ids)
-            if not choices:
-                continue
-            chunk = CompletionStreamResponse(id=request_id, created=created, model=model,
-                                             choices=choices)
-            if continuous:
-                chunk.usage = self.usage(prompt_tokens, completion_tokens, cached)
-            yield chunk.model_dump_json()
+                # One choice per chunk, as vLLM and OpenAI send them.
+                chunk = CompletionStreamResponse(id=request_id, created=created, model=model,
+                                                 choices=[choice])
+                if continuous:
+                    chunk.usage = self.usage(prompt_tokens, completion_tokens, cached)
+                if c.finish_reason is not None and not include_usage:
+                    chunk.system_fingerprint = SYSTEM_FINGERPRINT
+                yield chunk.model_dump_json(context={"include_usage": include_usage})
         if include_usage:
             chunk = CompletionStreamResponse(
                 id=request_id, created=created, model=model, choices=[],
-                usage=self.usage(prompt_tokens, completion_tokens, cached))
-            yield chunk.model_dump_json()
+                usage=self.usage(prompt_tokens, completion_tokens, cached),
+                system_fingerprint=SYSTEM_FINGERPRINT)
+            yield chunk.model_dump_json(context={"include_usage": True})
