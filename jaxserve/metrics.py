@@ -105,6 +105,13 @@ class Metrics:
                                            "The max_tokens of finished requests.", _TOKEN_BUCKETS)
         self.params_n = histogram("vllm:request_params_n", "The n of finished requests.",
                                   _N_BUCKETS)
+        # HTTP traffic, under the names vLLM's FastAPI instrumentation uses.
+        self.http_requests = Counter("http_requests", "HTTP requests, by handler, method and "
+                                     "status class.", ["handler", "method", "status"],
+                                     registry=r)
+        self.http_duration = Histogram("http_request_duration_seconds", "HTTP request latency "
+                                       "(to the end of the response body).",
+                                       ["handler", "method"], registry=r)
         if cache_info:
             info = Gauge("vllm:cache_config_info", "The KV cache's configuration.",
                          sorted(cache_info), registry=r)

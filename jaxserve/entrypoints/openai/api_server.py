@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from argparse import Namespace
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -196,6 +197,35 @@ class _RequestIdMiddleware:
             await send(message)
 
         return await self.app(scope, receive, send_with_id)
+
+
+class _HTTPMetricsMiddleware:
+    """Counts requests and their latency per route (unknown paths are one "none" handler)."""
+
+    def __init__(self, app, metrics: Metrics, paths: set[str]):
+        self.app, self.metrics, self.paths = app, metrics, paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = [500]
+
+        async def record_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            path = scope["path"]
+            handler = path if path in self.paths else (
+                "/v1/models/{model}" if path.startswith("/v1/models/") else "none")
+            method = scope["method"]
+            self.metrics.http_requests.labels(handler, method, f"{status[0] // 100}xx").inc()
+            self.metrics.http_duration.labels(handler, method).observe(
+                time.perf_counter() - start)
 
 
 def _user_middleware(path: str) -> Middleware:
@@ -387,7 +417,8 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
         routes += [Route("/openapi.json", openapi, methods=["GET"]),
                    Route("/docs", docs, methods=["GET"])]
 
-    middleware = [Middleware(
+    middleware = [Middleware(_HTTPMetricsMiddleware, metrics=metrics,
+                             paths={r.path for r in routes}), Middleware(
         CORSMiddleware, allow_origins=_opt(ns, "allowed_origins", ["*"]),
         allow_methods=_opt(ns, "allowed_methods", ["*"]),
         allow_headers=_opt(ns, "allowed_headers", ["*"]),
