@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from jaxserve import cli
-from jaxserve.entrypoints import cli_args
-from jaxserve.entrypoints.cli_args import FLAGS, REFUSE, SWITCH, WARN, Flag, parse_serve_args
+from jaxserve.entrypoints import cli_args, serve_flags
+from jaxserve.entrypoints.cli_args import parse_serve_args
+from jaxserve.entrypoints.serve_flags import FLAGS, REFUSE, SWITCH, WARN, Flag
 
 SHARED = Path(__file__).parents[1].parent / "shared"
 FLAG_LISTS = ("vllm_serve_flags.txt", "sglang_and_worker_flags.txt")
@@ -44,11 +45,11 @@ def _plausible(action) -> list[str]:
     if action.choices:
         return [action.choices[0]]
     default = action.default
-    if action.type in (cli_args.json_object, cli_args.compilation_json, cli_args.mm_limits):
+    if action.type in (serve_flags.json_object, serve_flags.compilation_json, serve_flags.mm_limits):
         return ["{}"]
-    if action.type is cli_args.json_list:
+    if action.type is serve_flags.json_list:
         return ['["*"]']
-    if action.type in (int, cli_args.human_int):
+    if action.type in (int, serve_flags.human_int):
         return [str(default) if isinstance(default, int) else "1"]
     if action.type is float:
         return [str(default) if isinstance(default, (int, float)) else "0.5"]
@@ -82,9 +83,9 @@ def _non_default(flag: Flag) -> list[str]:
     name = flag.names[0]
     if flag.type is SWITCH:
         return ["--no-" + name[2:]] if flag.is_neutral(True) else [name]
-    if flag.type is cli_args.mm_limits:
+    if flag.type is serve_flags.mm_limits:
         value = '{"image": 1}'
-    elif flag.type in (cli_args.json_object, cli_args.compilation_json):
+    elif flag.type in (serve_flags.json_object, serve_flags.compilation_json):
         value = '{"x": 1}'
     elif flag.type in (int, float):
         value = str((flag.default or 0) + 3)
