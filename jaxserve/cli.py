@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s] %(message)s",
                         datefmt="%H:%M:%S")
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["chat"], ["complete"]):  # clients: the reply only, not each HTTP request
+        for name in ("httpx", "httpx2", "openai"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         if argv[:1] == ["serve"]:  # its own parser: --config, dotted keys and -O3 come first
             return _serve(argv[1:])
