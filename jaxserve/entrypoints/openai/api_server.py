@@ -525,10 +525,22 @@ def uvicorn_config(ns: Namespace, app: Starlette):
         timeout_graceful_shutdown=_opt(ns, "shutdown_timeout", 0), lifespan="off")
 
 
-def run_server(ns: Namespace) -> int:
-    """`jaxserve serve`: bind, start the engine, serve until SIGTERM or SIGINT; returns 0."""
+def _graceful_server(config):
+    """A uvicorn server for which SIGTERM/SIGINT is a normal stop: it drains, then `run` returns
+    (uvicorn itself re-raises the signal after draining, so the process would die of it)."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            # NOTE: uvicorn's record of signals to re-raise once shut down.
+            self._captured_signals.clear()
+
+    return Server(config)
+
+
+def run_server(ns: Namespace) -> int:
+    """`jaxserve serve`: bind, start the engine, serve until SIGTERM or SIGINT; returns 0."""
     sock = bind_socket(_opt(ns, "host"), _opt(ns, "port", 8000))
     engine = AsyncLLMEngine.from_engine_args(ns.engine_args)
     app = build_app(ns, engine)
@@ -539,7 +551,7 @@ def run_server(ns: Namespace) -> int:
                 ", ".join(served_model_names(ns, engine.engine.model_name)), scheme, shown, port,
                 _opt(ns, "root_path", ""),
                 ", ".join(sorted({r.path for r in app.routes})))
-    server = uvicorn.Server(uvicorn_config(ns, app))
+    server = _graceful_server(uvicorn_config(ns, app))
     try:
         server.run(sockets=[sock])
     finally:
