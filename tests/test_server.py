@@ -377,16 +377,19 @@ def test_chat_logprobs(http, client):
     assert len(content) == full["usage"]["completion_tokens"]
     for entry in content:
         assert set(entry) >= {"token", "logprob", "bytes", "top_logprobs"}
-        assert entry["bytes"] == list(entry["token"].encode("utf-8"))
+        if "\ufffd" not in entry["token"]:
+            assert entry["bytes"] == list(entry["token"].encode("utf-8"))
         top = entry["top_logprobs"]
         assert len(top) == 3
         values = [t["logprob"] for t in top]
         assert values == sorted(values, reverse=True)
         assert top[0]["token"] == entry["token"]  # greedy
         assert top[0]["logprob"] == pytest.approx(entry["logprob"], abs=1e-5)
-        assert all(t["bytes"] == list(t["token"].encode("utf-8")) for t in top)
-    if not any("\ufffd" in e["token"] for e in content):
-        assert "".join(e["token"] for e in content) == full["choices"][0]["message"]["content"]
+        assert all(t["bytes"] == list(t["token"].encode("utf-8")) for t in top
+                   if "\ufffd" not in t["token"])
+    # The tokens' bytes, joined, are the message: also across a character split between tokens.
+    joined = bytes(b for e in content for b in e["bytes"])
+    assert joined.decode("utf-8", errors="replace") == full["choices"][0]["message"]["content"]
 
     chunks = stream(http, "/v1/chat/completions", body)
     streamed = [e for c in chunks for x in c["choices"] for e in
@@ -790,3 +793,14 @@ def test_failure_inside_a_stream(serve_app, inprocess_engine, monkeypatch):
         r = httpx.post(app.base_url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3},
                        timeout=30)
         assert r.status_code == 200
+
+
+def test_token_bytes_of_a_split_character(default_tokenizer):
+    """A byte-level BPE token holding half of an emoji: its bytes, not U+FFFD's."""
+    from jaxserve.entrypoints.openai.serving import token_bytes
+
+    text = "smile \U0001F600 and \u65e5\u672c"
+    ids = default_tokenizer(text, add_special_tokens=False).input_ids
+    pieces = [token_bytes(default_tokenizer, i, default_tokenizer.decode([i])) for i in ids]
+    assert any("\ufffd" in default_tokenizer.decode([i]) for i in ids)  # the case under test
+    assert bytes(b for p in pieces for b in p).decode("utf-8") == text

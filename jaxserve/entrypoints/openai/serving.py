@@ -4,7 +4,9 @@ logprobs in OpenAI's two formats, and merging the streams of a batched request."
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,8 @@ from jaxserve.outputs import Logprob, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("jaxserve.server")
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class RequestError(Exception):
@@ -44,6 +48,36 @@ def value_error(e: ValueError, fields) -> RequestError:
     message = str(e)
     first = message.split(" ", 1)[0].strip(":,")
     return RequestError(message, param=first if first in fields else None)
+
+
+@functools.cache
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE (GPT-2 style) spells each byte as a character: printable Latin-1 bytes as
+    themselves, the others as U+0100 onwards in byte order. Character -> byte."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(0x100 + shifted)] = b
+            shifted += 1
+    return table
+
+
+def token_bytes(tokenizer, token_id: int, text: str) -> list[int]:
+    """The token's own bytes (OpenAI's `bytes`), also when it holds part of a UTF-8 character
+    and its text alone decodes to U+FFFD."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str) and piece:
+        m = _BYTE_FALLBACK.fullmatch(piece)
+        if m:  # SentencePiece byte fallback: <0xE2>
+            return [int(m.group(1), 16)]
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        table = _byte_level_table()
+        if type(decoder).__name__ == "ByteLevel" and all(ch in table for ch in piece):
+            return [table[ch] for ch in piece]
+    return list(text.encode("utf-8"))
 
 
 @dataclass
@@ -180,10 +214,10 @@ class OpenAIServing:
                           if lp.rank is not None and 1 <= lp.rank <= k), key=lambda t: t[0])
             content.append(ChatLogProbsContent(
                 token=tok, logprob=max(chosen.logprob, MIN_LOGPROB),
-                bytes=list(tok.encode("utf-8")),
+                bytes=token_bytes(self.tokenizer, tid, tok),
                 top_logprobs=[ChatLogProb(token=(s := self.token_str(i, lp)),
                                           logprob=max(lp.logprob, MIN_LOGPROB),
-                                          bytes=list(s.encode("utf-8")))
+                                          bytes=token_bytes(self.tokenizer, i, s))
                               for _, i, lp in top]))
         return content
 
