@@ -151,7 +151,8 @@ def test_warned_flags_log_one_line(flag, caplog):
     assert warnings[0].getMessage().startswith(f"{argv[0]} is ignored on JAX: ")
 
 
-def test_frontend_namespace_and_defaults():
+def test_frontend_namespace_and_defaults(monkeypatch):
+    monkeypatch.delenv("JAXSERVE_GATEWAY_TOKEN", raising=False)
     ns = parse_serve_args([])
     expected = dict(
         host=None, port=8000, uvicorn_log_level="info", disable_uvicorn_access_log=False,
@@ -165,7 +166,8 @@ def test_frontend_namespace_and_defaults():
         enable_force_include_usage=False, enable_server_load_tracking=False,
         disable_log_stats=False, shutdown_timeout=0, log_level="info", enable_metrics=True,
         max_logprobs=20, backend="vllm", gateway_address=None, heartbeat_interval=30.0,
-        log_streaming=True, model=None, log_config_file=None)
+        log_streaming=True, gateway_token=None, worker_url=None, model=None,
+        log_config_file=None)
     assert {k: getattr(ns, k) for k in expected} == expected
     ns = parse_serve_args(["--served-model-name", "a", "b", "--allowed-origins",
                            '["http://x"]', "--middleware", "m.one", "--middleware", "m.two",
@@ -188,6 +190,23 @@ def test_dialect_defaults():
     assert (sglang.host, sglang.port, sglang.enable_metrics) == ("127.0.0.1", 1234, True)
     vllm = parse_serve_args(["--host", "0.0.0.0", "--enable-metrics"])
     assert (vllm.host, vllm.port, vllm.enable_metrics) == ("0.0.0.0", 8000, True)
+
+
+def test_gateway_flags(monkeypatch):
+    monkeypatch.setenv("JAXSERVE_GATEWAY_TOKEN", "from-env")
+    ns = parse_serve_args(["-ga", "http://gw:9000", "--hi", "5", "--no-ls",
+                           "--worker-url", "http://w:8001", "-be", "sglang"])
+    assert (ns.gateway_address, ns.heartbeat_interval, ns.log_streaming) == \
+        ("http://gw:9000", 5.0, False)
+    assert (ns.gateway_token, ns.worker_url, ns.backend) == ("from-env", "http://w:8001", "sglang")
+    assert parse_serve_args(["--gateway-token", "t"]).gateway_token == "t"
+    assert parse_serve_args(["--log-streaming", "--heartbeat-interval", "0.5"]).log_streaming
+    with pytest.raises(ValueError, match="^-ga must be an http:// or https:// URL, got 'gw:9000'"):
+        parse_serve_args(["-ga", "gw:9000"])
+    with pytest.raises(ValueError, match="^--worker-url must be an http"):
+        parse_serve_args(["--worker-url", "w"])
+    with pytest.raises(ValueError, match="^--hi must be a positive number of seconds, got 0.0"):
+        parse_serve_args(["--hi", "0"])
 
 
 def test_sglang_spellings_map_onto_engine_args():

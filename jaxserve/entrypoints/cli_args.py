@@ -26,6 +26,7 @@ import math
 import os
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
 from jaxserve.entrypoints.serve_flags import (BY_KEY, ENGINE, FLAGS, GROUPS, MAPPED, REFUSE,
                                               SWITCH, WARN, Flag, compilation_json, json_list,
@@ -286,6 +287,7 @@ def parse_serve_args(argv: list[str]) -> argparse.Namespace:
     _resolve_model(ns, typed, config_model)
     _refuse(ns, typed)
     _apply_frontend(ns, typed)
+    _apply_worker(ns, typed)
     engine_kwargs = _engine_kwargs(ns, typed)
     _warn(ns, typed)
     _apply_environment(ns)
@@ -349,6 +351,22 @@ def _apply_frontend(ns: argparse.Namespace, typed: dict[str, str]) -> None:
     if ns.log_level_http is not None:
         ns.uvicorn_log_level = ns.log_level_http.lower()
     ns.enable_prompt_tokens_details = ns.enable_prompt_tokens_details or ns.enable_cache_report
+
+
+def _apply_worker(ns: argparse.Namespace, typed: dict[str, str]) -> None:
+    """The Gateway flags: URLs that can be reached, a positive interval, the token's env."""
+    for key in ("gateway_address", "worker_url"):
+        url = getattr(ns, key)
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"{_name(key, typed)} must be an http:// or https:// URL, "
+                                 f"got {url!r}")
+    if not (0 < ns.heartbeat_interval < math.inf):
+        raise ValueError(f"{_name('heartbeat_interval', typed)} must be a positive number of "
+                         f"seconds, got {ns.heartbeat_interval}")
+    if ns.gateway_token is None:
+        ns.gateway_token = os.environ.get("JAXSERVE_GATEWAY_TOKEN") or None
 
 
 def _apply_environment(ns: argparse.Namespace) -> None:

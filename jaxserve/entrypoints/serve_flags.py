@@ -657,13 +657,18 @@ GROUPS: tuple[tuple[str, str, tuple[Flag, ...]], ...] = (
         F(WARN, "--weight-loader-disable-mmap", "jaxserve memory-maps safetensors", SWITCH),
         F(WARN, "--worker-use-ray", "no Ray workers", SWITCH),
     )),
-    ("Worker", "Registration with an iChat-style Gateway.", (
-        F(WORKER, "--backend -be", "which dialect's defaults apply (host, port, metrics)",
-          default="vllm", choices=("vllm", "sglang")),
-        F(REFUSE, "--gateway-address -ga", "registering with a Gateway (a later issue)"),
+    ("Worker", "Registration with a `jaxserve gateway` (docs/gateway.md).", (
+        F(WORKER, "--backend -be", "which dialect's defaults apply (host, port, metrics); "
+          "reported to the Gateway", default="vllm", choices=("vllm", "sglang")),
+        F(WORKER, "--gateway-address -ga", "the Gateway's base URL to register with (none: no "
+          "registration)"),
         F(WORKER, "--heartbeat-interval --hi", "seconds between Gateway heartbeats", float,
           30.0),
         F(WORKER, "--log-streaming --ls", "stream logs to the Gateway", SWITCH, True),
+        F(WORKER, "--gateway-token", "the token the Gateway asks workers for (also env "
+          "JAXSERVE_GATEWAY_TOKEN)"),
+        F(WORKER, "--worker-url", "the address the Gateway routes to (default: http://<this "
+          "machine's hostname>:<port> on all interfaces, else http://<host>:<port>)"),
     )),
 )
 

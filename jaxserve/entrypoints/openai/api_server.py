@@ -525,16 +525,20 @@ def uvicorn_config(ns: Namespace, app: Starlette):
         timeout_graceful_shutdown=_opt(ns, "shutdown_timeout", 0), lifespan="off")
 
 
-def _graceful_server(config):
+def _graceful_server(config, on_exit: Callable[[], None] | None = None):
     """A uvicorn server for which SIGTERM/SIGINT is a normal stop: it drains, then `run` returns
-    (uvicorn itself re-raises the signal after draining, so the process would die of it)."""
+    (uvicorn itself re-raises the signal after draining, so the process would die of it).
+    `on_exit` runs (once, without blocking the signal handler) when the signal arrives."""
     import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
+            first = not self.should_exit
             super().handle_exit(sig, frame)
             # NOTE: uvicorn's record of signals to re-raise once shut down.
             self._captured_signals.clear()
+            if first and on_exit is not None:
+                on_exit()
 
     return Server(config)
 
@@ -542,6 +546,11 @@ def _graceful_server(config):
 def run_server(ns: Namespace) -> int:
     """`jaxserve serve`: bind, start the engine, serve until SIGTERM or SIGINT; returns 0."""
     sock = bind_socket(_opt(ns, "host"), _opt(ns, "port", 8000))
+    early_logs = None
+    if _opt(ns, "gateway_address") and _opt(ns, "log_streaming", True):
+        from jaxserve.gateway.worker import LogQueue, install_log_queue
+
+        early_logs = install_log_queue(LogQueue(5000))  # loading and compiling lines too
     engine = AsyncLLMEngine.from_engine_args(ns.engine_args)
     app = build_app(ns, engine)
     host, port = sock.getsockname()[:2]
@@ -551,11 +560,40 @@ def run_server(ns: Namespace) -> int:
                 ", ".join(served_model_names(ns, engine.engine.model_name)), scheme, shown, port,
                 _opt(ns, "root_path", ""),
                 ", ".join(sorted({r.path for r in app.routes})))
-    server = _graceful_server(uvicorn_config(ns, app))
+    config = uvicorn_config(ns, app)
+    # NOTE: after the uvicorn config, which replaces the handlers of uvicorn's loggers.
+    gateway = _gateway_client(ns, engine, scheme, host, port, early_logs,
+                              ready=lambda: server.started and engine.dead_error is None)
+    # On SIGTERM the Gateway hears first (it stops routing here), then in-flight requests drain.
+    server = _graceful_server(config, on_exit=gateway.stop_soon if gateway else None)
+    if gateway is not None:
+        gateway.start()
     try:
         server.run(sockets=[sock])
     finally:
+        if gateway is not None:
+            gateway.stop()
         logger.info("shutting down: aborting %d unfinished requests",
                     len(engine.engine.requests))
         engine.shutdown()
     return 0
+
+
+def _gateway_client(ns: Namespace, engine: AsyncLLMEngine, scheme: str, host: str, port: int,
+                    logs, ready: Callable[[], bool]):
+    """The `--gateway-address` registration of this server (None without one)."""
+    if not _opt(ns, "gateway_address"):
+        return None
+    from jaxserve.gateway.worker import (EngineLoad, GatewayClient, advertised_url,
+                                         device_info, launch_arguments)
+
+    core = engine.engine
+    names = served_model_names(ns, core.model_name)
+    return GatewayClient(
+        ns.gateway_address, token=_opt(ns, "gateway_token"),
+        worker_url=advertised_url(host, port, scheme=scheme, worker_url=_opt(ns, "worker_url")),
+        models=names, backend=_opt(ns, "backend", "vllm"), backend_args=launch_arguments(ns),
+        device=device_info(), version=__version__, max_model_len=core.max_model_len,
+        heartbeat_interval=_opt(ns, "heartbeat_interval", 30.0),
+        load_fn=EngineLoad(core, names[0]), log_streaming=_opt(ns, "log_streaming", True),
+        ready=ready, logs=logs)
