@@ -1,6 +1,6 @@
 """The `jaxserve` command: `serve` (the OpenAI-compatible server, taking `vllm serve` flags),
-`chat` and `complete` (clients of a running server), `generate` (one-shot, offline) and `convert`
-(to an orbax folder)."""
+`gateway` (workers register with it; it routes requests to them), `chat` and `complete` (clients of
+a running server), `generate` (one-shot, offline) and `convert` (to an orbax folder)."""
 
 from __future__ import annotations
 
@@ -93,6 +93,51 @@ def _serve(argv: list[str]) -> int:
     from jaxserve.entrypoints.openai.api_server import run_server
 
     return run_server(ns)
+
+
+def _gateway(ns: argparse.Namespace) -> int:
+    """`jaxserve gateway ...`: the Gateway of docs/gateway.md, until SIGTERM or SIGINT."""
+    from jaxserve.gateway.app import run_gateway
+    from jaxserve.gateway.registry import GatewayConfig
+
+    config = GatewayConfig(api_key=ns.api_key or None, gateway_token=ns.gateway_token or None,
+                           load_balance_method=ns.load_balance_method,
+                           unhealthy_after=ns.unhealthy_after, remove_after=ns.remove_after,
+                           log_lines=ns.log_lines)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # else a line per relayed request
+    if config.gateway_token is None:
+        logger.warning("no --gateway-token: anyone who reaches this port can register workers "
+                       "and read their logs")
+    return run_gateway(config, host=ns.host, port=ns.port,
+                       uvicorn_log_level=ns.uvicorn_log_level)
+
+
+def _add_gateway_args(parser: argparse.ArgumentParser) -> None:
+    from jaxserve.gateway.registry import LOAD_BALANCE_METHODS, GatewayConfig
+
+    default = GatewayConfig()
+    parser.add_argument("--host", help="address to listen on (default: all interfaces)")
+    parser.add_argument("--port", type=int, default=9000, help="port (default: %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("JAXSERVE_GATEWAY_API_KEY"),
+                        help="key clients must send as `Authorization: Bearer KEY` "
+                             "(default: env JAXSERVE_GATEWAY_API_KEY; none: open)")
+    parser.add_argument("--gateway-token", default=os.environ.get("JAXSERVE_GATEWAY_TOKEN"),
+                        help="token workers and monitoring must send as X-Gateway-Token or "
+                             "?token= (default: env JAXSERVE_GATEWAY_TOKEN; none: open)")
+    parser.add_argument("--load-balance-method", choices=LOAD_BALANCE_METHODS,
+                        default=default.load_balance_method,
+                        help="how a worker is chosen (default: %(default)s)")
+    parser.add_argument("--unhealthy-after", type=float, default=default.unhealthy_after,
+                        metavar="N", help="heartbeat intervals of silence before a worker is "
+                                          "unhealthy (default: %(default)s)")
+    parser.add_argument("--remove-after", type=float, default=default.remove_after, metavar="N",
+                        help="heartbeat intervals of silence before a worker is removed "
+                             "(default: %(default)s)")
+    parser.add_argument("--log-lines", type=int, default=default.log_lines, metavar="N",
+                        help="recent log lines kept per worker (default: %(default)s)")
+    parser.add_argument("--uvicorn-log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    parser.set_defaults(func=_gateway)
 
 
 # ----------------------------------------------------------------------------- chat / complete
@@ -194,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve a model over the OpenAI API (vllm serve flags)",
                            usage="jaxserve serve [MODEL] [options]", allow_abbrev=False)
     add_serve_args(serve)  # main() hands `serve` to parse_serve_args; this is for --help
+    gateway = sub.add_parser("gateway", help="a Gateway that workers register with and that "
+                                             "routes OpenAI requests to them")
+    _add_gateway_args(gateway)
     chat = sub.add_parser("chat", help="chat with a running server")
     _add_client_args(chat)
     chat.add_argument("--system-prompt", help="system message that starts the conversation")

@@ -1,0 +1,259 @@
+"""`jaxserve gateway`: the Starlette app that workers register with (docs/gateway.md) and clients
+send OpenAI requests to, and the uvicorn server that runs it.
+
+Routes: the worker protocol (`/workers/register`, `/workers/{id}/heartbeat`, `DELETE /workers/{id}`,
+`/workers/{id}/logs`), monitoring (`GET /workers`, `GET /workers/{id}/logs`, the status page `/`),
+all behind the registration token; `/health`, open; and the OpenAI routes relayed to workers
+(`proxy.py`), behind the API key. A background task marks silent workers unhealthy, then drops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from jaxserve.gateway.proxy import Relay, error_response, new_client
+from jaxserve.gateway.registry import GatewayConfig, Registry, Worker
+from jaxserve.gateway.status_page import STATUS_PAGE
+
+logger = logging.getLogger("jaxserve.gateway")
+
+Handler = Callable[[Request], Awaitable[Response]]
+_KEEPALIVE_S = 15.0  # an SSE comment this often, so a follower that left is noticed
+
+
+class _Refused(Exception):
+    """A request the Gateway answers with an error instead of running the route."""
+
+    def __init__(self, response: Response):
+        self.response = response
+
+
+def _same(given: str | None, expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _guard(check: Callable[[Request], None], handler: Handler) -> Handler:
+    async def route(request: Request) -> Response:
+        try:
+            check(request)
+            return await handler(request)
+        except _Refused as e:
+            return e.response
+    return route
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _Refused(error_response("The request body is not valid JSON.", 400)) from None
+    if not isinstance(body, dict):
+        raise _Refused(error_response("The request body must be a JSON object.", 400))
+    return body
+
+
+def _log_follow(registry: Registry, worker: Worker) -> Response:
+    """The worker's kept lines, then each new one, as SSE events whose data is a JSON string."""
+    queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=registry.config.log_lines)
+    for line in worker.logs:
+        queue.put_nowait(line)
+    worker.followers.add(queue)
+
+    async def events() -> AsyncIterator[str]:
+        while True:
+            try:
+                line = await asyncio.wait_for(queue.get(), _KEEPALIVE_S)
+            except asyncio.TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            if line is None:  # the worker was removed
+                return
+            yield f"data: {json.dumps(line)}\n\n"
+
+    class Follow(StreamingResponse):
+        async def __call__(self, scope, receive, send) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                worker.followers.discard(queue)
+
+    return Follow(events(), media_type="text/event-stream",
+                  headers={"Cache-Control": "no-cache"})
+
+
+def build_app(config: GatewayConfig) -> Starlette:
+    """The Gateway's Starlette app; `app.state.registry` holds its workers."""
+    registry = Registry(config)
+    relay = Relay(registry)
+
+    def check_token(request: Request) -> None:
+        if config.gateway_token is None:
+            return
+        given = request.headers.get("x-gateway-token") or request.query_params.get("token")
+        if not _same(given, config.gateway_token):
+            raise _Refused(error_response("Invalid or missing gateway token (X-Gateway-Token).",
+                                          401, code="invalid_gateway_token"))
+
+    def check_api_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        if not _same(request.headers.get("authorization"), f"Bearer {config.api_key}"):
+            raise _Refused(error_response("Invalid or missing API key.", 401,
+                                          code="invalid_api_key"))
+
+    def known(request: Request) -> Worker:
+        worker = registry.workers.get(request.path_params["id"])
+        if worker is None:
+            raise _Refused(error_response(
+                f"No worker {request.path_params['id']!r}: register again.", 404,
+                code="worker_not_found"))
+        return worker
+
+    # ---- the worker protocol -----------------------------------------------------------------
+    async def register(request: Request) -> Response:
+        try:
+            worker = registry.register(await _json_object(request))
+        except ValueError as e:
+            return error_response(str(e), 400)
+        return JSONResponse({"id": worker.id, "heartbeat_interval": worker.heartbeat_interval})
+
+    async def heartbeat(request: Request) -> Response:
+        worker = known(request)
+        load = (await _json_object(request)).get("load") or {}
+        if not isinstance(load, dict):
+            return error_response("load must be an object", 400, param="load")
+        registry.heartbeat(worker, load)
+        return JSONResponse({"status": "ok"})
+
+    async def deregister(request: Request) -> Response:
+        registry.remove(known(request), "deregistered")
+        return JSONResponse({"status": "ok"})
+
+    async def post_logs(request: Request) -> Response:
+        worker = known(request)
+        body = await _json_object(request)
+        lines, dropped = body.get("lines") or [], body.get("dropped") or 0
+        if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+            return error_response("lines must be a list of strings", 400, param="lines")
+        if not isinstance(dropped, int) or dropped < 0:
+            return error_response("dropped must be a count", 400, param="dropped")
+        registry.add_logs(worker, lines, dropped)
+        return JSONResponse({"status": "ok"})
+
+    # ---- monitoring --------------------------------------------------------------------------
+    async def list_workers(request: Request) -> Response:
+        return JSONResponse([w.to_json() for w in registry.workers.values()])
+
+    async def get_logs(request: Request) -> Response:
+        worker = known(request)
+        if request.query_params.get("follow", "").lower() in ("1", "true", "yes"):
+            return _log_follow(registry, worker)
+        return JSONResponse({"lines": list(worker.logs),
+                             "dropped_log_lines": worker.dropped_log_lines})
+
+    async def status_page(request: Request) -> Response:
+        return HTMLResponse(STATUS_PAGE)
+
+    async def health(request: Request) -> Response:
+        return Response(status_code=200)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        relay.client = new_client()
+
+        async def sweep_forever() -> None:
+            while True:
+                await asyncio.sleep(registry.sweep_period())
+                registry.sweep()
+
+        sweeper = asyncio.create_task(sweep_forever())
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await relay.client.aclose()
+
+    def worker_route(path: str, handler: Handler, method: str) -> Route:
+        return Route(path, _guard(check_token, handler), methods=[method])
+
+    def client_route(path: str, handler: Handler, method: str) -> Route:
+        return Route(path, _guard(check_api_key, handler), methods=[method])
+
+    routes = [
+        worker_route("/workers/register", register, "POST"),
+        worker_route("/workers/{id}/heartbeat", heartbeat, "POST"),
+        worker_route("/workers/{id}", deregister, "DELETE"),
+        worker_route("/workers/{id}/logs", post_logs, "POST"),
+        worker_route("/workers", list_workers, "GET"),
+        worker_route("/workers/{id}/logs", get_logs, "GET"),
+        worker_route("/", status_page, "GET"),
+        Route("/health", health, methods=["GET"]),
+        client_route("/v1/chat/completions", relay.forward, "POST"),
+        client_route("/v1/completions", relay.forward, "POST"),
+        client_route("/tokenize", relay.forward, "POST"),
+        client_route("/detokenize", relay.forward, "POST"),
+        client_route("/v1/models", relay.list_models, "GET"),
+        client_route("/v1/models/{model:path}", relay.get_model, "GET"),
+    ]
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error_response(f"No route {request.method} {request.url.path}.", 404)
+
+    async def wrong_method(request: Request, exc: Exception) -> Response:
+        return error_response(f"{request.method} is not allowed on {request.url.path}.", 405)
+
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={404: not_found, 405: wrong_method})
+    app.state.registry = registry
+    return app
+
+
+# ---- running it ------------------------------------------------------------------------------
+def _bind(host: str | None, port: int) -> socket.socket:
+    """Bind at once (a taken port fails with a clear message); reusable right after a restart."""
+    host = host or "0.0.0.0"
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def run_gateway(config: GatewayConfig, *, host: str | None = None, port: int = 9000,
+                uvicorn_log_level: str = "info") -> int:
+    """Serve the Gateway until SIGTERM or SIGINT; returns 0."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            # NOTE: uvicorn re-raises the signal once stopped unless its record is cleared, and
+            # the process would die of it instead of exiting 0.
+            self._captured_signals.clear()
+
+    sock = _bind(host, port)
+    app = build_app(config)
+    shown = "localhost" if (host or "0.0.0.0") in ("0.0.0.0", "::") else host
+    logger.info("gateway on http://%s:%d (%s; status page at /)", shown,
+                sock.getsockname()[1], config.load_balance_method)
+    server = Server(uvicorn.Config(app, log_level=uvicorn_log_level, lifespan="on",
+                                   timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
+    return 0

@@ -1,0 +1,832 @@
+"""The Gateway (`jaxserve gateway`, docs/gateway.md) on loopback.
+
+Three layers: the Gateway app with fake workers (tiny Starlette apps on background threads,
+registered and heartbeated by the test through the HTTP API); the status page in headless
+Chromium; and end to end, a `jaxserve gateway` process with two real `jaxserve serve -ga` workers
+on a tiny model (issue 7's "What it must show").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+pytest.register_assert_rewrite("server_utils")
+from server_utils import (REPO, SERVED_NAME, SERVER_ENGINE, ServerProcess,  # noqa: E402
+                          free_port, sse_chunks)
+
+from jaxserve.gateway.app import build_app  # noqa: E402
+from jaxserve.gateway.registry import GatewayConfig  # noqa: E402
+
+# The fixtures: server_model_dir (a tiny Llama with the default model's tokenizer).
+pytest_plugins = ["server_utils"]
+
+TOKEN = "s3cret"
+AUTH = {"X-Gateway-Token": TOKEN}
+
+
+# ---- serving an app on a loopback thread -----------------------------------------------------------
+class Served:
+    """An ASGI app served by uvicorn on a background thread, on `port` (a free one if None)."""
+
+    def __init__(self, app, port: int | None = None):
+        import uvicorn
+
+        self.app = app
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", port or 0))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="auto",
+                                                    timeout_graceful_shutdown=1))
+        self._thread = threading.Thread(target=self.server.run,
+                                        kwargs={"sockets": [self._sock]}, daemon=True)
+
+    def __enter__(self) -> Served:
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert self._thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()
+
+
+class FakeWorker:
+    """Answers like a worker: chat completions (streamed in two events, the second held until
+    `release` is set), completions, /tokenize and /v1/models; counts the requests it got."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.hits: list[str] = []
+        self.headers: list[dict[str, str]] = []
+        self.streams_ended = 0  # streams finished or abandoned by the Gateway
+        self.release = threading.Event()
+        self.release.set()
+        self.served = Served(Starlette(routes=[
+            Route("/v1/chat/completions", self._answer, methods=["POST"]),
+            Route("/v1/completions", self._answer, methods=["POST"]),
+            Route("/tokenize", self._answer, methods=["POST"]),
+        ]))
+        self.url = self.served.url
+
+    async def _answer(self, request: Request) -> Response:
+        body = await request.json()
+        self.hits.append(request.url.path)
+        self.headers.append(dict(request.headers))
+        if body.get("fail"):  # a worker-side error passes through untouched
+            return JSONResponse({"error": {"message": "bad", "type": "invalid_request_error",
+                                           "param": None, "code": None}}, status_code=400)
+        if not body.get("stream"):
+            return JSONResponse({"worker": self.name, "path": request.url.path,
+                                 "model": body.get("model"), "query": request.url.query})
+
+        async def events():
+            try:
+                yield f"data: {json.dumps({'worker': self.name, 'n': 1})}\n\n"
+                while not self.release.is_set():
+                    await asyncio.sleep(0.005)
+                yield f"data: {json.dumps({'worker': self.name, 'n': 2})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                self.streams_ended += 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@pytest.fixture(scope="module")
+def fakes():
+    workers = [FakeWorker("a"), FakeWorker("b")]
+    for w in workers:
+        w.served.__enter__()
+    yield workers
+    for w in workers:
+        w.served.__exit__()
+
+
+@pytest.fixture
+def fake_a(fakes):
+    fakes[0].hits.clear()
+    return fakes[0]
+
+
+@pytest.fixture
+def fake_b(fakes):
+    fakes[1].hits.clear()
+    return fakes[1]
+
+
+@pytest.fixture
+def gateway():
+    """Returns start(**GatewayConfig fields) -> an httpx client of a fresh Gateway."""
+    started = []
+
+    def start(**config: Any) -> httpx.Client:
+        served = Served(build_app(GatewayConfig(**{"gateway_token": TOKEN, **config})))
+        served.__enter__()
+        client = httpx.Client(base_url=served.url, timeout=10)
+        started.append((served, client))
+        return client
+
+    yield start
+    for served, client in started:
+        client.close()
+        served.__exit__()
+
+
+def register(gw: httpx.Client, url: str, models=("m",), **fields: Any) -> str:
+    body = {"url": url, "models": list(models), "backend": "vllm",
+            "backend_args": {"model": "/models/m"}, "device": {"kind": "cpu", "count": 1},
+            "version": "0.1.0", "max_model_len": 96, **fields}
+    r = gw.post("/workers/register", json=body, headers=AUTH)
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def workers(gw: httpx.Client) -> dict[str, dict]:
+    r = gw.get("/workers", headers=AUTH)
+    assert r.status_code == 200, r.text
+    return {w["id"]: w for w in r.json()}
+
+
+def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+def chat(gw: httpx.Client, model: str | None = "m", **body: Any) -> httpx.Response:
+    return gw.post("/v1/chat/completions", json={"model": model, "messages": [], **body})
+
+
+# ---- registration, heartbeats, auth -----------------------------------------------------------------
+def test_register_and_list(gateway):
+    gw = gateway()
+    args = {"model": "/models/m", "max_model_len": 96, "api_key": "***", "heartbeat_interval": 7}
+    wid = register(gw, "http://10.0.0.1:8001/", backend="sglang", backend_args=args)
+    listed = workers(gw)[wid]
+    assert listed["url"] == "http://10.0.0.1:8001"
+    assert listed["status"] == "healthy" and listed["models"] == ["m"]
+    assert listed["backend"] == "sglang" and listed["backend_args"] == args
+    assert listed["device"] == {"kind": "cpu", "count": 1} and listed["version"] == "0.1.0"
+    assert listed["load"] == {} and listed["dropped_log_lines"] == 0
+    assert abs(listed["last_heartbeat"] - time.time()) < 5
+    assert listed["registered_at"] == listed["last_heartbeat"]
+    # The answer's interval is the worker's own, from its launch arguments.
+    again = gw.post("/workers/register", headers=AUTH, json={
+        "url": "http://10.0.0.1:8001", "models": ["m", "n"], "backend_args": args})
+    assert again.json() == {"id": wid, "heartbeat_interval": 7}
+    assert workers(gw)[wid]["models"] == ["m", "n"] and len(workers(gw)) == 1
+    other = register(gw, "http://10.0.0.2:8001")
+    assert other != wid and list(workers(gw)) == [wid, other]
+
+    for bad in ({"models": ["m"]}, {"url": "10.0.0.3:80", "models": ["m"]},
+                {"url": "http://10.0.0.3:80", "models": "m"},
+                {"url": "http://10.0.0.3:80", "models": ["m"], "backend_args": [1]},
+                {"url": "http://10.0.0.3:80", "models": ["m"], "heartbeat_interval": 0}):
+        assert_error(gw.post("/workers/register", json=bad, headers=AUTH), 400)
+    assert_error(gw.post("/workers/register", content=b"{", headers=AUTH), 400)
+    assert len(workers(gw)) == 2
+
+
+def test_heartbeat_deregister_and_unknown_ids(gateway):
+    gw = gateway()
+    wid = register(gw, "http://10.0.0.1:8001")
+    before = workers(gw)[wid]["last_heartbeat"]
+    time.sleep(0.01)
+    load = {"running": 2, "waiting": 1, "kv_cache_usage": 0.25, "prompt_throughput": 10.0,
+            "generation_throughput": 5.0}
+    r = gw.post(f"/workers/{wid}/heartbeat", json={"load": load}, headers=AUTH)
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert workers(gw)[wid]["load"] == load and workers(gw)[wid]["last_heartbeat"] > before
+
+    for method, path in (("POST", "/workers/nope/heartbeat"), ("DELETE", "/workers/nope"),
+                         ("POST", "/workers/nope/logs"), ("GET", "/workers/nope/logs")):
+        body = {"load": {}, "lines": []} if method == "POST" else None
+        assert_error(gw.request(method, path, json=body, headers=AUTH), 404, "worker_not_found")
+
+    assert gw.delete(f"/workers/{wid}", headers=AUTH).status_code == 200
+    assert workers(gw) == {}
+    # A Gateway that restarted answers a heartbeat with 404: the worker must register again.
+    assert_error(gw.post(f"/workers/{wid}/heartbeat", json={"load": {}}, headers=AUTH), 404)
+
+
+def test_tokens_and_api_key(gateway, fake_a):
+    gw = gateway(api_key="k3y")
+    wid = register(gw, fake_a.url)
+    guarded = [("POST", "/workers/register", {"url": "http://10.0.0.9:1", "models": ["m"]}),
+               ("POST", f"/workers/{wid}/heartbeat", {"load": {}}),
+               ("POST", f"/workers/{wid}/logs", {"lines": ["x"]}),
+               ("GET", "/workers", None), ("GET", f"/workers/{wid}/logs", None),
+               ("GET", "/", None), ("DELETE", f"/workers/{wid}", None)]
+    for method, path, body in guarded:
+        for headers, params in (({}, {}), ({"X-Gateway-Token": "wrong"}, {}),
+                                ({}, {"token": "wrong"}),
+                                ({"Authorization": "Bearer k3y"}, {})):  # the API key is no token
+            r = gw.request(method, path, json=body, headers=headers, params=params)
+            assert_error(r, 401, "invalid_gateway_token")
+    assert gw.get("/workers", params={"token": TOKEN}).status_code == 200
+    page = gw.get("/", params={"token": TOKEN})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert gw.get("/health").status_code == 200  # open
+
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k3y"}, AUTH):
+        assert_error(gw.post("/v1/chat/completions", json={"model": "m"}, headers=headers),
+                     401, "invalid_api_key")
+        assert_error(gw.get("/v1/models", headers=headers), 401, "invalid_api_key")
+    assert fake_a.hits == []
+    r = gw.post("/v1/chat/completions", json={"model": "m"}, headers={"Authorization":
+                                                                      "Bearer k3y"})
+    assert r.status_code == 200 and r.json()["worker"] == "a"
+    assert fake_a.headers[-1]["authorization"] == "Bearer k3y"  # passed on to the worker
+    assert gw.delete(f"/workers/{wid}", headers=AUTH).status_code == 200
+
+
+def test_gateway_config_checks():
+    with pytest.raises(ValueError, match="load_balance_method"):
+        GatewayConfig(load_balance_method="random")
+    with pytest.raises(ValueError, match="unhealthy_after"):
+        GatewayConfig(unhealthy_after=5, remove_after=2)
+    with pytest.raises(ValueError, match="log_lines"):
+        GatewayConfig(log_lines=0)
+
+
+# ---- routing ----------------------------------------------------------------------------------------
+def test_round_robin_spreads_and_relays(gateway, fake_a, fake_b):
+    gw = gateway()
+    ids = {register(gw, fake_a.url): "a", register(gw, fake_b.url): "b"}
+    answers = [chat(gw) for _ in range(6)]
+    assert all(r.status_code == 200 for r in answers)
+    served = [r.json()["worker"] for r in answers]
+    assert served in (["a", "b"] * 3, ["b", "a"] * 3), served
+    assert [ids[r.headers["x-gateway-worker"]] for r in answers] == served
+    assert len(fake_a.hits) == len(fake_b.hits) == 3
+
+    # Every OpenAI route, the query string and worker errors pass through.
+    r = gw.post("/v1/completions?x=1", json={"model": "m", "prompt": "hi"})
+    assert r.json()["path"] == "/v1/completions" and r.json()["query"] == "x=1"
+    assert gw.post("/tokenize", json={"model": "m", "prompt": "hi"}).json()["path"] == "/tokenize"
+    assert_error(chat(gw, fail=True), 400)
+    # A request without a model goes to any healthy worker.
+    assert chat(gw, model=None).status_code == 200
+
+
+def test_models_union_404_and_503(gateway, fake_a, fake_b):
+    gw = gateway()
+    register(gw, fake_a.url, models=["m", "shared"])
+    register(gw, fake_b.url, models=["n", "shared"])
+    dead = register(gw, f"http://127.0.0.1:{free_port()}", models=["gone"])
+    models = gw.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert sorted(m["id"] for m in models["data"]) == ["gone", "m", "n", "shared"]
+    assert all(m["object"] == "model" and m["max_model_len"] == 96 for m in models["data"])
+    assert gw.get("/v1/models/n").json()["id"] == "n"
+    assert chat(gw, model="n").json()["worker"] == "b"
+
+    err = assert_error(chat(gw, model="nope"), 404, "model_not_found")
+    assert "nope" in err["message"] and err["param"] == "model"
+    assert_error(gw.get("/v1/models/nope"), 404, "model_not_found")
+    # The only worker of `gone` refuses connections: marked unhealthy at once, then 503.
+    assert_error(chat(gw, model="gone"), 503)
+    assert workers(gw)[dead]["status"] == "unhealthy"
+    assert_error(chat(gw, model="gone"), 503)
+    assert_error(gw.get("/v1/models/gone"), 503)
+    assert "gone" not in [m["id"] for m in gw.get("/v1/models").json()["data"]]
+
+
+def test_retry_on_another_worker_when_the_port_is_closed(gateway, fake_a):
+    gw = gateway()
+    closed = register(gw, f"http://127.0.0.1:{free_port()}")  # first in round-robin order
+    live = register(gw, fake_a.url)
+    answers = [chat(gw) for _ in range(4)]
+    assert [r.status_code for r in answers] == [200] * 4
+    assert {r.headers["x-gateway-worker"] for r in answers} == {live}
+    assert len(fake_a.hits) == 4
+    assert workers(gw)[closed]["status"] == "unhealthy"
+    assert workers(gw)[live]["status"] == "healthy"
+    # Its next heartbeat makes it healthy again.
+    gw.post(f"/workers/{closed}/heartbeat", json={"load": {}}, headers=AUTH)
+    assert workers(gw)[closed]["status"] == "healthy"
+
+
+@pytest.fixture
+def dropping_url():
+    """A port that accepts connections and closes them without answering."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def drop() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.close()
+
+    threading.Thread(target=drop, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+def test_retry_when_a_worker_drops_the_connection_before_answering(gateway, fake_a,
+                                                                   dropping_url):
+    gw = gateway()
+    dropper = register(gw, dropping_url)
+    live = register(gw, fake_a.url)
+    for stream in (False, True):
+        r = chat(gw, stream=stream)
+        assert r.status_code == 200 and r.headers["x-gateway-worker"] == live
+        assert workers(gw)[dropper]["status"] == "unhealthy"
+        gw.post(f"/workers/{dropper}/heartbeat", json={"load": {}}, headers=AUTH)
+
+
+def test_client_leaving_mid_stream_ends_the_worker_stream(gateway, fake_a):
+    gw = gateway()
+    wid = register(gw, fake_a.url)
+    ended = fake_a.streams_ended
+    fake_a.release.clear()
+    try:
+        with httpx.Client(base_url=str(gw.base_url), timeout=10) as other:
+            with other.stream("POST", "/v1/chat/completions",
+                              json={"model": "m", "stream": True}) as r:
+                events = r.iter_lines()
+                assert next(events).startswith("data: ")
+                assert workers(gw)[wid]["in_flight"] == 1
+        deadline = time.monotonic() + 5  # the client has gone: the worker's stream ends too
+        while fake_a.streams_ended == ended or workers(gw)[wid]["in_flight"]:
+            assert time.monotonic() < deadline, (fake_a.streams_ended, workers(gw))
+            time.sleep(0.01)
+    finally:
+        fake_a.release.set()
+
+
+def test_shortest_queue(gateway, fake_a, fake_b):
+    gw = gateway(load_balance_method="shortest_queue")
+    a, b = register(gw, fake_a.url), register(gw, fake_b.url)
+
+    def beat(wid: str, running: int, waiting: int = 0) -> None:
+        gw.post(f"/workers/{wid}/heartbeat", headers=AUTH,
+                json={"load": {"running": running, "waiting": waiting}})
+
+    def served_by(wid: str) -> str:
+        # NOTE: a relayed answer may reach the client just before the Gateway stops counting it.
+        while workers(gw)[wid]["in_flight"]:
+            time.sleep(0.005)
+        return chat(gw).json()["worker"]
+
+    beat(a, 3, 1)
+    beat(b, 2)
+    assert {served_by(b) for _ in range(4)} == {"b"}
+    beat(a, 0)
+    beat(b, 0, 1)
+    assert {served_by(a) for _ in range(4)} == {"a"}
+
+    # The Gateway's own in-flight requests count: hold a stream open on one worker.
+    beat(b, 0)
+    for fake in (fake_a, fake_b):
+        fake.release.clear()
+    try:
+        with httpx.Client(base_url=str(gw.base_url), timeout=10) as other:
+            with other.stream("POST", "/v1/chat/completions",
+                              json={"model": "m", "stream": True}) as held:
+                events = held.iter_lines()  # NOTE: dropping the iterator would close the stream
+                first = json.loads(next(events)[len("data: "):])["worker"]
+                holding, rest = (a, b) if first == "a" else (b, a)
+                assert workers(gw)[holding]["in_flight"] == 1
+                assert {served_by(rest) for _ in range(3)} == {"b" if first == "a" else "a"}
+                for fake in (fake_a, fake_b):
+                    fake.release.set()
+                assert [e for e in events if e][-1] == "data: [DONE]"
+    finally:
+        for fake in (fake_a, fake_b):
+            fake.release.set()
+    deadline = time.monotonic() + 5
+    while {w["in_flight"] for w in workers(gw).values()} != {0}:
+        assert time.monotonic() < deadline, workers(gw)
+
+
+def test_stream_passes_through_chunk_by_chunk(gateway, fake_a):
+    gw = gateway()
+    register(gw, fake_a.url)
+    fake_a.release.clear()
+    try:
+        with gw.stream("POST", "/v1/chat/completions", json={"model": "m", "stream": True}) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            lines = r.iter_lines()
+            first = next(lines)
+            # The first event came through while the worker still holds back the second.
+            assert json.loads(first[len("data: "):]) == {"worker": "a", "n": 1}
+            assert not fake_a.release.is_set()
+            fake_a.release.set()
+            rest = [line for line in lines if line]
+    finally:
+        fake_a.release.set()
+    assert rest == ['data: {"worker": "a", "n": 2}', "data: [DONE]"]
+
+
+def test_unhealthy_after_missed_heartbeats_then_removed(gateway):
+    interval = 0.2
+    gw = gateway(unhealthy_after=2.5, remove_after=10)
+    wid = register(gw, "http://10.0.0.1:8001", backend_args={"heartbeat_interval": interval})
+    for _ in range(6):  # heartbeats on time keep it healthy
+        time.sleep(interval / 2)
+        gw.post(f"/workers/{wid}/heartbeat", json={"load": {}}, headers=AUTH)
+        assert workers(gw)[wid]["status"] == "healthy"
+    silent_since = time.monotonic()
+    while workers(gw)[wid]["status"] == "healthy":
+        time.sleep(0.01)
+    took = time.monotonic() - silent_since
+    assert 2.5 * interval <= took < 4 * interval, took
+    gw.post(f"/workers/{wid}/heartbeat", json={"load": {}}, headers=AUTH)
+    assert workers(gw)[wid]["status"] == "healthy"
+    silent_since = time.monotonic()
+    while wid in workers(gw):
+        time.sleep(0.02)
+    took = time.monotonic() - silent_since
+    assert 10 * interval <= took < 13 * interval, took
+    assert_error(gw.post(f"/workers/{wid}/heartbeat", json={"load": {}}, headers=AUTH), 404)
+
+
+# ---- logs -------------------------------------------------------------------------------------------
+def test_logs_kept_listed_and_followed(gateway):
+    gw = gateway(log_lines=5)
+    wid = register(gw, "http://10.0.0.1:8001")
+    post = lambda lines, dropped=0: gw.post(  # noqa: E731
+        f"/workers/{wid}/logs", json={"lines": lines, "dropped": dropped}, headers=AUTH)
+    assert post(["line 1", "line 2"], dropped=3).status_code == 200
+    assert gw.get(f"/workers/{wid}/logs", headers=AUTH).json()["lines"] == ["line 1", "line 2"]
+    assert post([f"line {i}" for i in range(3, 9)], dropped=1).status_code == 200
+    kept = [f"line {i}" for i in range(4, 9)]  # the newest five
+    assert gw.get(f"/workers/{wid}/logs", params={"token": TOKEN}).json()["lines"] == kept
+    assert workers(gw)[wid]["dropped_log_lines"] == 4
+    assert_error(post("not a list"), 400)
+    assert_error(post(["ok"], dropped=-1), 400)
+
+    got: list[str] = []
+    opened, ended = threading.Event(), threading.Event()
+
+    def follow() -> None:
+        with httpx.Client(base_url=str(gw.base_url), timeout=10) as client:
+            with client.stream("GET", f"/workers/{wid}/logs",
+                               params={"follow": "true", "token": TOKEN}) as r:
+                assert r.headers["content-type"].startswith("text/event-stream")
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        got.append(json.loads(line[len("data: "):]))
+                        opened.set()
+        ended.set()
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    assert opened.wait(5)
+    post(["new 1", "new 2\nwith a second line"])
+    deadline = time.monotonic() + 5
+    while len(got) < 7 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got == kept + ["new 1", "new 2\nwith a second line"]
+    # Deregistering ends the stream.
+    gw.delete(f"/workers/{wid}", headers=AUTH)
+    assert ended.wait(5)
+    follower.join(5)
+
+
+# ---- the status page in headless Chromium -----------------------------------------------------------
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no {CHROMIUM}: apt-get install chromium (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        yield browser
+        browser.close()
+
+
+def check_status_page(browser, base_url: str, expected: dict[str, str], log_line: str) -> None:
+    """The page lists each worker (url -> model) as healthy; the first one's launch arguments
+    unfold, and its live-logs link shows `log_line`."""
+    page = browser.new_page()
+    try:
+        page.goto(f"{base_url}/?token={TOKEN}")
+        rows = page.locator("#workers tbody tr")
+        rows.nth(len(expected) - 1).wait_for(timeout=10_000)
+        assert rows.count() == len(expected)
+        seen = {}
+        for i in range(rows.count()):
+            cells = rows.nth(i).locator("td").all_inner_texts()
+            seen[cells[1]] = cells
+        assert set(seen) == set(expected), seen
+        for url, model in expected.items():
+            assert seen[url][2] == "healthy" and model in seen[url][3], seen[url]
+        assert page.inner_text("#summary") == f"{len(expected)} workers, {len(expected)} healthy"
+        first = next(iter(expected))
+        args = page.locator("tr", has_text=first).locator("details.args")
+        args.locator("summary").click()
+        assert '"model": ' in args.locator("pre").inner_text()
+        link = page.locator("tr", has_text=first).locator("a.logs-link")
+        assert "follow=true" in link.get_attribute("href")
+        link.click()
+        page.locator("#log-lines", has_text=log_line).wait_for(timeout=10_000)
+        assert page.inner_text("#error") == ""
+    finally:
+        page.close()
+
+
+def test_status_page_in_chromium(browser, gateway, fake_a, fake_b):
+    gw = gateway()
+    a = register(gw, fake_a.url, models=["m"])
+    register(gw, fake_b.url, models=["n"])
+    gw.post(f"/workers/{a}/heartbeat", headers=AUTH,
+            json={"load": {"running": 2, "waiting": 1, "kv_cache_usage": 0.5}})
+    gw.post(f"/workers/{a}/logs", json={"lines": ["<b>hello</b> from a"]}, headers=AUTH)
+    check_status_page(browser, str(gw.base_url).rstrip("/"),
+                      {fake_a.url: "m", fake_b.url: "n"}, "<b>hello</b> from a")
+    page = browser.new_page()
+    try:
+        page.goto(f"{str(gw.base_url).rstrip('/')}/?token={TOKEN}")
+        row = page.locator("tr", has_text=fake_a.url)
+        row.wait_for(timeout=10_000)
+        assert "2 running, 1 waiting, KV 50%" in row.inner_text()
+        assert page.locator("b").count() == 0  # worker text is never HTML
+    finally:
+        page.close()
+
+
+# ---- end to end: a `jaxserve gateway` process and two real workers --------------------------------
+# NOTE: these share one fleet and run in file order: the Gateway restarts, then a worker is killed.
+HEARTBEAT_S = 1.0
+
+
+class GatewayProcess:
+    """`jaxserve gateway` on a loopback port (the same port again after a restart)."""
+
+    def __init__(self, log_path: str, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log_path, "ab")
+        argv = [sys.executable, "-m", "jaxserve.cli", "gateway", "--host", "127.0.0.1",
+                "--port", str(self.port), "--gateway-token", TOKEN]
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.proc.poll() is None, f"the gateway exited with {self.proc.returncode}"
+            assert time.monotonic() < deadline, "the gateway did not answer /health"
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        self.ready_at = time.monotonic()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class WorkerProcess(ServerProcess):
+    """`jaxserve serve MODEL -ga URL --hi 1 --gateway-token T` (the short spellings)."""
+
+    def __init__(self, model: str, log_path: str, gateway_url: str):
+        from server_utils import serve_argv
+
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        argv = serve_argv(model, host="127.0.0.1", port=self.port,
+                          served_model_name=[SERVED_NAME], **SERVER_ENGINE)
+        argv += ["-ga", gateway_url, "--hi", str(HEARTBEAT_S), "--gateway-token", TOKEN]
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def fleet(server_model_dir, tmp_path_factory):
+    """A Gateway and two workers registered with it; {"gateway", "workers", "ids", "logs"}."""
+    logs = tmp_path_factory.mktemp("fleet")
+    gateway = GatewayProcess(str(logs / "gateway.log"))
+    workers_ = [WorkerProcess(server_model_dir, str(logs / f"worker{i}.log"), gateway.url)
+                for i in range(2)]
+    state = {"gateway": gateway, "workers": workers_, "logs": logs, "model": server_model_dir}
+    try:
+        for w in workers_:
+            w.wait_ready()
+        state["ids"] = wait_registered(gateway.url, [w.base_url for w in workers_], timeout=30)
+        yield state
+    finally:
+        for w in workers_:
+            w.stop()
+        state["gateway"].stop()
+
+
+def wait_registered(gateway_url: str, urls: list[str], timeout: float) -> dict[str, str]:
+    """Polls `GET /workers` until every url is there and healthy; returns url -> worker id."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            listed = httpx.get(gateway_url + "/workers", headers=AUTH, timeout=2).json()
+            ids = {w["url"]: w["id"] for w in listed if w["status"] == "healthy"}
+            if all(u in ids for u in urls):
+                return {u: ids[u] for u in urls}
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"not all of {urls} registered in {timeout} s"
+        time.sleep(0.02)
+
+
+def fleet_workers(fleet) -> dict[str, dict]:
+    r = httpx.get(fleet["gateway"].url + "/workers", headers=AUTH, timeout=5)
+    assert r.status_code == 200, r.text
+    return {w["url"]: w for w in r.json()}
+
+
+CHAT = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "Name three rivers."}],
+        "max_tokens": 12, "temperature": 0}
+
+
+def test_e2e_workers_register_with_their_launch_arguments(fleet):
+    from jaxserve import __version__
+
+    listed = fleet_workers(fleet)
+    assert set(listed) == {w.base_url for w in fleet["workers"]}
+    for w in fleet["workers"]:
+        got = listed[w.base_url]
+        assert got["status"] == "healthy" and got["models"] == [SERVED_NAME]
+        assert got["backend"] == "vllm" and got["version"] == __version__
+        assert got["device"]["kind"] == "cpu" and got["device"]["count"] >= 1
+        assert got["max_model_len"] == SERVER_ENGINE["max_model_len"]
+        assert got["heartbeat_interval"] == HEARTBEAT_S
+        args = got["backend_args"]
+        for key, value in SERVER_ENGINE.items():
+            assert args[key] == value, key
+        assert args["model"] == fleet["model"] and args["port"] == w.port
+        assert args["served_model_name"] == [SERVED_NAME]
+        assert args["gateway_address"] == fleet["gateway"].url
+        assert args["heartbeat_interval"] == HEARTBEAT_S and args["log_streaming"] is True
+        assert args["gateway_token"] == "***"
+        assert len(args) > 100, "backend_args holds every flag, not only those given"
+    # Heartbeats carry the load.
+    deadline = time.monotonic() + 3 * HEARTBEAT_S
+    while not all(w["load"] for w in fleet_workers(fleet).values()):
+        assert time.monotonic() < deadline, fleet_workers(fleet)
+        time.sleep(0.05)
+    for got in fleet_workers(fleet).values():
+        assert {"running", "waiting", "kv_cache_usage", "prompt_throughput",
+                "generation_throughput"} <= set(got["load"])
+
+
+def test_e2e_round_robin_and_stream_equal_to_a_direct_one(fleet):
+    gw = fleet["gateway"].url
+    by_id = {v: k for k, v in fleet["ids"].items()}
+    with httpx.Client(timeout=60) as http:
+        served = []
+        for _ in range(4):
+            r = http.post(gw + "/v1/chat/completions", json=CHAT)
+            assert r.status_code == 200, r.text
+            served.append(by_id[r.headers["x-gateway-worker"]])
+        assert served[0] != served[1] and served[:2] == served[2:], served
+
+        models = http.get(gw + "/v1/models").json()
+        assert [m["id"] for m in models["data"]] == [SERVED_NAME]
+        prompt = {"model": SERVED_NAME, "prompt": "The quick brown fox"}
+        direct = http.post(fleet["workers"][0].base_url + "/tokenize", json=prompt).json()
+        assert http.post(gw + "/tokenize", json=prompt).json() == direct
+
+        def streamed(base_url: str) -> list[str]:
+            r = http.post(base_url + "/v1/chat/completions", json={**CHAT, "stream": True})
+            assert r.status_code == 200, r.text
+            return [c["choices"][0]["delta"].get("content") or ""
+                    for c in sse_chunks(r) if c["choices"]]
+
+        through = streamed(gw)
+        assert "".join(through)
+        for w in fleet["workers"]:  # the same tiny model on both: the same greedy text
+            assert streamed(w.base_url) == through
+
+
+def test_e2e_worker_logs_readable_at_the_gateway(fleet):
+    gw = fleet["gateway"].url
+    worker = fleet["workers"][0]
+    wid = fleet["ids"][worker.base_url]
+    probe = f"probe-{time.monotonic_ns()}"
+    got: list[str] = []
+    follower_saw = threading.Event()
+
+    def follow() -> None:
+        with httpx.stream("GET", f"{gw}/workers/{wid}/logs", timeout=30,
+                          params={"follow": "true", "token": TOKEN}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    got.append(json.loads(line[len("data: "):]))
+                    if probe in got[-1]:
+                        follower_saw.set()
+                        return
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    # uvicorn's access log line of this request names the probe.
+    assert httpx.get(f"{worker.base_url}/v1/models?{probe}=1").status_code == 200
+    deadline = time.monotonic() + 10
+    while True:
+        lines = httpx.get(f"{gw}/workers/{wid}/logs", headers=AUTH).json()["lines"]
+        if any(probe in line for line in lines):
+            break
+        assert time.monotonic() < deadline, lines[-20:]
+        time.sleep(0.1)
+    assert follower_saw.wait(10), got[-5:]
+    assert any("engine ready" in line for line in lines), "start-up lines reach the Gateway too"
+    other = fleet["ids"][fleet["workers"][1].base_url]
+    other_lines = httpx.get(f"{gw}/workers/{other}/logs", headers=AUTH).json()["lines"]
+    assert not any(probe in line for line in other_lines)
+
+
+def test_e2e_status_page_in_chromium(fleet, browser):
+    """The page shows both workers, and the first one's live logs."""
+    probe = f"probe-{time.monotonic_ns()}"
+    assert httpx.get(f"{fleet['workers'][0].base_url}/v1/models?{probe}=1").status_code == 200
+    check_status_page(browser, fleet["gateway"].url,
+                      {w.base_url: SERVED_NAME for w in fleet["workers"]}, probe)
+
+
+def test_e2e_tokens_refused(fleet):
+    gw = fleet["gateway"].url
+    body = {"url": "http://127.0.0.1:1", "models": ["intruder"]}
+    for headers in ({}, {"X-Gateway-Token": "wrong"}):
+        assert_error(httpx.post(gw + "/workers/register", json=body, headers=headers), 401)
+        assert_error(httpx.get(gw + "/workers", headers=headers), 401)
+        wid = next(iter(fleet["ids"].values()))
+        assert_error(httpx.get(f"{gw}/workers/{wid}/logs", headers=headers), 401)
+        assert_error(httpx.delete(f"{gw}/workers/{wid}", headers=headers), 401)
+    assert set(fleet_workers(fleet)) == set(fleet["ids"])
+
+
+def test_e2e_gateway_restart_workers_register_again(fleet):
+    old = fleet["gateway"]
+    assert old.stop() == 0, "SIGTERM is a normal stop"
+    new = GatewayProcess(str(fleet["logs"] / "gateway.log"), port=old.port)
+    fleet["gateway"] = new
+    urls = [w.base_url for w in fleet["workers"]]
+    ids = wait_registered(new.url, urls, timeout=10 * HEARTBEAT_S)
+    took = time.monotonic() - new.ready_at
+    # Within one interval, plus the HTTP round trips of the 404 and the registration.
+    assert took <= HEARTBEAT_S + 0.5, f"re-registered {took:.2f} s after the restart"
+    print(f"re-registered {took:.2f} s after the Gateway restarted")
+    fleet["ids"] = ids
+    r = httpx.post(new.url + "/v1/chat/completions", json=CHAT, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_e2e_sigkilled_worker_unhealthy_and_traffic_continues(fleet):
+    gw = fleet["gateway"].url
+    killed, survivor = fleet["workers"]
+    killed_id, survivor_id = fleet["ids"][killed.base_url], fleet["ids"][survivor.base_url]
+    killed.proc.send_signal(signal.SIGKILL)
+    killed.proc.wait()
+    dead_at = time.monotonic()
+    while fleet_workers(fleet)[killed.base_url]["status"] == "healthy":
+        assert time.monotonic() - dead_at < 3 * HEARTBEAT_S, "still healthy after 3 intervals"
+        time.sleep(0.02)
+    took = time.monotonic() - dead_at
+    assert fleet_workers(fleet)[survivor.base_url]["status"] == "healthy"
+
+    with httpx.Client(timeout=60) as http:
+        answers = [http.post(gw + "/v1/chat/completions", json={**CHAT, "stream": i % 2 == 1})
+                   for i in range(6)]
+    assert [r.status_code for r in answers] == [200] * 6, [r.text for r in answers]
+    assert {r.headers["x-gateway-worker"] for r in answers} == {survivor_id}
+    assert killed_id != survivor_id
+    print(f"unhealthy {took:.2f} s after SIGKILL (heartbeat every {HEARTBEAT_S} s)")
