@@ -14,7 +14,6 @@ import contextlib
 import hmac
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from jaxserve.entrypoints.uvicorn_utils import bind_socket, graceful_server
 from jaxserve.gateway.proxy import Relay, error_response, new_client
 from jaxserve.gateway.registry import GatewayConfig, Registry, Worker
 from jaxserve.gateway.status_page import STATUS_PAGE
@@ -223,37 +223,17 @@ def build_app(config: GatewayConfig) -> Starlette:
 
 
 # ---- running it ------------------------------------------------------------------------------
-def _bind(host: str | None, port: int) -> socket.socket:
-    """Bind at once (a taken port fails with a clear message); reusable right after a restart."""
-    host = host or "0.0.0.0"
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    return sock
-
-
 def run_gateway(config: GatewayConfig, *, host: str | None = None, port: int = 9000,
                 uvicorn_log_level: str = "info") -> int:
     """Serve the Gateway until SIGTERM or SIGINT; returns 0."""
     import uvicorn
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            super().handle_exit(sig, frame)
-            # NOTE: uvicorn re-raises the signal once stopped unless its record is cleared, and
-            # the process would die of it instead of exiting 0.
-            self._captured_signals.clear()
-
-    sock = _bind(host, port)
+    sock = bind_socket(host, port)
     app = build_app(config)
     shown = "localhost" if (host or "0.0.0.0") in ("0.0.0.0", "::") else host
     logger.info("gateway on http://%s:%d (%s; status page at /)", shown,
                 sock.getsockname()[1], config.load_balance_method)
-    server = Server(uvicorn.Config(app, log_level=uvicorn_log_level, lifespan="on",
-                                   timeout_graceful_shutdown=5))
+    server = graceful_server(uvicorn.Config(app, log_level=uvicorn_log_level, lifespan="on",
+                                            timeout_graceful_shutdown=5))
     server.run(sockets=[sock])
     return 0

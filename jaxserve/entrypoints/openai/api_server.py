@@ -15,7 +15,6 @@ import inspect
 import json
 import logging
 import os
-import socket
 import time
 import uuid
 from argparse import Namespace
@@ -44,6 +43,7 @@ from jaxserve.entrypoints.openai.protocol import (ChatCompletionRequest, Complet
 from jaxserve.entrypoints.openai.serving import RequestError, ServingOptions
 from jaxserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from jaxserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from jaxserve.entrypoints.uvicorn_utils import bind_socket, graceful_server
 from jaxserve.metrics import Metrics
 
 logger = logging.getLogger("jaxserve.server")
@@ -498,21 +498,6 @@ _SWAGGER_PAGE = """<!doctype html><html><head><title>jaxserve API</title>
 
 
 # ---- running it ----------------------------------------------------------------------------------
-def bind_socket(host: str | None, port: int) -> socket.socket:
-    """Bind before the (slow) engine start, so a taken port fails at once."""
-    host = host or "0.0.0.0"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
 def uvicorn_config(ns: Namespace, app: Starlette):
     import uvicorn
 
@@ -523,24 +508,6 @@ def uvicorn_config(ns: Namespace, app: Starlette):
         ssl_certfile=_opt(ns, "ssl_certfile"), ssl_ca_certs=_opt(ns, "ssl_ca_certs"),
         ssl_cert_reqs=int(_opt(ns, "ssl_cert_reqs", 0)),
         timeout_graceful_shutdown=_opt(ns, "shutdown_timeout", 0), lifespan="off")
-
-
-def _graceful_server(config, on_exit: Callable[[], None] | None = None):
-    """A uvicorn server for which SIGTERM/SIGINT is a normal stop: it drains, then `run` returns
-    (uvicorn itself re-raises the signal after draining, so the process would die of it).
-    `on_exit` runs (once, without blocking the signal handler) when the signal arrives."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            first = not self.should_exit
-            super().handle_exit(sig, frame)
-            # NOTE: uvicorn's record of signals to re-raise once shut down.
-            self._captured_signals.clear()
-            if first and on_exit is not None:
-                on_exit()
-
-    return Server(config)
 
 
 def run_server(ns: Namespace) -> int:
@@ -565,7 +532,7 @@ def run_server(ns: Namespace) -> int:
     gateway = _gateway_client(ns, engine, scheme, host, port, early_logs,
                               ready=lambda: server.started and engine.dead_error is None)
     # On SIGTERM the Gateway hears first (it stops routing here), then in-flight requests drain.
-    server = _graceful_server(config, on_exit=gateway.stop_soon if gateway else None)
+    server = graceful_server(config, on_exit=gateway.stop_soon if gateway else None)
     if gateway is not None:
         gateway.start()
     try:
