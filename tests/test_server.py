@@ -304,6 +304,9 @@ def test_n3_streamed_and_not(http):
         for x in c["choices"]:
             firsts.setdefault(x["index"], x["delta"])
     assert firsts == {i: {"role": "assistant", "content": ""} for i in range(3)}
+    # The three role chunks lead, in index order; content follows.
+    assert [(c["choices"][0]["index"], c["choices"][0]["delta"]) for c in chunks[:3]] == \
+        [(i, {"role": "assistant", "content": ""}) for i in range(3)]
     got = collect(chunks, key="delta")
     assert [got[i]["text"] for i in range(3)] == texts
     assert all(len(got[i]["finish"]) == 1 for i in range(3))

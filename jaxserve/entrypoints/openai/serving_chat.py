@@ -150,15 +150,15 @@ class OpenAIServingChat(OpenAIServing):
 
     async def stream(self, request: ChatCompletionRequest, request_id: str, engine_id: str,
                      prompt: ChatPrompt) -> AsyncIterator[str]:
-        """SSE payloads. A choice's first chunk carries the role and goes out once its first
-        token exists; each choice ends with exactly one finish_reason."""
+        """SSE payloads. Each choice's first chunk carries the role; they go out together, in
+        index order, once the first token exists. Each choice ends with one finish_reason."""
         created = int(time.time())
         model = request.model or self.model_name
         opts = request.stream_options
         include_usage = self.options.enable_force_include_usage or bool(
             opts and opts.include_usage)
         continuous = include_usage and bool(opts and opts.continuous_usage_stats)
-        started = [False] * request.n
+        started = False
         prompt_tokens, completion_tokens, cached = len(prompt.ids), 0, None
 
         def chunk(choices, usage=None, last: bool = False) -> str:
@@ -178,15 +178,16 @@ class OpenAIServingChat(OpenAIServing):
                 completion_tokens += len(c.token_ids)
                 usage = (self.usage(prompt_tokens, completion_tokens, cached) if continuous
                          else None)
-                if not started[c.index]:
-                    started[c.index] = True
-                    yield chunk([ChatCompletionStreamChoice(
-                        index=c.index, delta=DeltaMessage(role=prompt.role, content=""),
-                        logprobs=None, finish_reason=None)], usage)
-                    if prompt.echo:
+                if not started:  # the first token exists: every choice's role chunk, in order
+                    started = True
+                    for i in range(request.n):
                         yield chunk([ChatCompletionStreamChoice(
-                            index=c.index, delta=DeltaMessage(content=prompt.echo),
+                            index=i, delta=DeltaMessage(role=prompt.role, content=""),
                             logprobs=None, finish_reason=None)], usage)
+                        if prompt.echo:
+                            yield chunk([ChatCompletionStreamChoice(
+                                index=i, delta=DeltaMessage(content=prompt.echo),
+                                logprobs=None, finish_reason=None)], usage)
                 if not c.text and not c.token_ids and c.finish_reason is None:
                     continue
                 yield chunk([ChatCompletionStreamChoice(
