@@ -126,7 +126,8 @@ class AppServer:
         self.server = uvicorn.Server(uvicorn_config(ns, self.app))
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
-        self.base_url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        scheme = "https" if getattr(ns, "ssl_certfile", None) else "http"
+        self.base_url = f"{scheme}://127.0.0.1:{self._sock.getsockname()[1]}"
         self._thread = threading.Thread(target=self.server.run,
                                         kwargs={"sockets": [self._sock]}, daemon=True)
 
@@ -207,3 +208,26 @@ def metric(text: str, name: str, **labels: str) -> float:
         if all(got.get(k) == v for k, v in labels.items()):
             total += float(m.group(3))
     return total
+
+
+# ---- middleware for `--middleware` (imported by path: server_utils.NAME) -------------------------
+class TagMiddleware:
+    """An ASGI middleware class: tags every response with X-Tag-Class."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        async def tagged(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-tag-class", b"1")]
+            await send(message)
+
+        await self.app(scope, receive, tagged if scope["type"] == "http" else send)
+
+
+async def tag_function(request, call_next):
+    """FastAPI's HTTP-middleware form: tags every response with X-Tag-Function."""
+    response = await call_next(request)
+    response.headers["X-Tag-Function"] = "1"
+    return response

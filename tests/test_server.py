@@ -8,7 +8,10 @@ default model's tokenizer, so its text is gibberish but deterministic at tempera
 from __future__ import annotations
 
 import asyncio
+import logging
+import subprocess
 import signal
+import ssl
 import threading
 import time
 import uuid
@@ -807,3 +810,61 @@ def test_token_bytes_of_a_split_character(default_tokenizer):
     pieces = [token_bytes(default_tokenizer, i, default_tokenizer.decode([i])) for i in ids]
     assert any("\ufffd" in default_tokenizer.decode([i]) for i in ids)  # the case under test
     assert bytes(b for p in pieces for b in p).decode("utf-8") == text
+
+
+def test_middleware_by_import_path(serve_app):
+    with serve_app(middleware=["server_utils.TagMiddleware", "server_utils.tag_function"]) as app:
+        r = httpx.get(app.base_url + "/v1/models")
+        assert r.status_code == 200
+        assert r.headers["x-tag-class"] == "1" and r.headers["x-tag-function"] == "1"
+
+
+def test_root_path_behind_a_proxy(serve_app):
+    """--root-path: the proxy strips the prefix; the schema names it as the server's base."""
+    with serve_app(root_path="/api") as app:
+        assert httpx.get(app.base_url + "/v1/models").status_code == 200
+        schema = httpx.get(app.base_url + "/openapi.json").json()
+        assert schema["servers"] == [{"url": "/api"}]
+
+
+def test_ssl(serve_app, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    with serve_app(ssl_keyfile=str(key), ssl_certfile=str(cert)) as app:
+        assert app.base_url.startswith("https://")
+        trusted = ssl.create_default_context(cafile=str(cert))
+        r = httpx.post(app.base_url + "/v1/completions", verify=trusted, timeout=30,
+                       json={"prompt": PROMPT, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on a TLS port
+            httpx.get(app.base_url.replace("https://", "http://") + "/health", timeout=5)
+
+
+def test_request_logging_with_max_log_len(serve_app, caplog):
+    prompt = "abcdefghijklmnopqrstuvwxyz " * 4
+    with serve_app(enable_log_requests=True, max_log_len=10) as app, \
+            caplog.at_level(logging.INFO, logger="jaxserve.server"):
+        r = httpx.post(app.base_url + "/v1/completions", timeout=30,
+                       json={"prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 200
+    lines = [rec.getMessage() for rec in caplog.records if "Received request" in rec.getMessage()]
+    assert len(lines) == 1
+    assert "prompt: 'abcdefghij'," in lines[0]  # cut to --max-log-len characters
+    with serve_app() as app, caplog.at_level(logging.INFO, logger="jaxserve.server"):
+        caplog.clear()
+        httpx.post(app.base_url + "/v1/completions", timeout=30,
+                   json={"prompt": prompt, "max_tokens": 2})
+    assert not any("Received request" in rec.getMessage() for rec in caplog.records)
+
+
+def test_chat_template_flag(serve_app, default_tokenizer):
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    with serve_app(chat_template=template) as app:
+        r = httpx.post(app.base_url + "/tokenize", timeout=30,
+                       json={"messages": [{"role": "user", "content": "hi there"}]})
+        assert r.status_code == 200
+        expected = default_tokenizer("<user>hi there", add_special_tokens=False).input_ids
+        assert r.json()["tokens"] == expected

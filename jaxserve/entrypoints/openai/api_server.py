@@ -406,7 +406,7 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
     if _opt(ns, "enable_metrics", True):
         routes.append(Route("/metrics", prometheus, methods=["GET"]))
     if not _opt(ns, "disable_fastapi_docs", False):
-        schema = openapi_schema()
+        schema = openapi_schema(_opt(ns, "root_path", ""))
 
         async def openapi(request: Request) -> Response:
             return JSONResponse(schema)
@@ -455,8 +455,9 @@ def _api_keys(ns: Namespace) -> list[str]:
     return [k for k in keys if k]
 
 
-def openapi_schema() -> dict[str, Any]:
-    """OpenAPI 3.1 for the JSON endpoints, built from the pydantic request models."""
+def openapi_schema(root_path: str = "") -> dict[str, Any]:
+    """OpenAPI 3.1 for the JSON endpoints, built from the pydantic request models; behind a
+    proxy (`--root-path`) the schema's server is that prefix."""
     defs: dict[str, Any] = {}
 
     def ref(model: type[pydantic.BaseModel]) -> dict[str, str]:
@@ -486,8 +487,11 @@ def openapi_schema() -> dict[str, Any]:
                           ("/version", "Server version"), ("/load", "Requests in flight"),
                           ("/metrics", "Prometheus metrics")):
         paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
-    return {"openapi": "3.1.0", "info": {"title": "jaxserve", "version": __version__},
-            "paths": paths, "components": {"schemas": defs}}
+    schema = {"openapi": "3.1.0", "info": {"title": "jaxserve", "version": __version__},
+              "paths": paths, "components": {"schemas": defs}}
+    if root_path:
+        schema["servers"] = [{"url": root_path}]
+    return schema
 
 
 _SWAGGER_PAGE = """<!doctype html><html><head><title>jaxserve API</title>
