@@ -401,3 +401,22 @@ def test_generate_parser_reads_json_and_list_fields():
                                         "--compile-sizes", "8", "16"])
     e = cli._engine_args(ns)
     assert e.hf_overrides == {"a": 1} and e.compile_sizes == (8, 16)
+
+
+def test_flags_and_engine_args_cannot_drift():
+    """Every ENGINE flag is an EngineArgs field, and every field is set by some flag (the two
+    below through their vLLM counterparts: CUDA-graph sizes and --compilation-config)."""
+    import dataclasses
+
+    from jaxserve.engine.args import EngineArgs
+    from jaxserve.entrypoints.serve_flags import ENGINE
+
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    engine_flags = {f.key for f in FLAGS if f.kind == ENGINE}
+    assert engine_flags <= fields
+    mapped = {"compile_sizes", "compilation_cache_dir"}
+    assert fields - {f.key for f in FLAGS} == mapped
+    ns = parse_serve_args(["--cuda-graph-sizes", "4", "8", "--compilation-config",
+                           '{"cache_dir": "/tmp/xla-cache"}'])
+    assert ns.engine_args.compile_sizes == (4, 8)
+    assert ns.engine_args.compilation_cache_dir == "/tmp/xla-cache"
