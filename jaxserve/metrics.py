@@ -27,6 +27,34 @@ _TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 
                  7.5, 10.0, 20.0, 40.0, 80.0)
 _N_BUCKETS = (1, 2, 5, 10, 20)
 
+# attribute: (vLLM's name, help, buckets) of each per-request or per-step histogram.
+_HISTOGRAMS = {
+    "ttft": ("vllm:time_to_first_token_seconds", "Time to first token in seconds.",
+             _TTFT_BUCKETS),
+    "itl": ("vllm:inter_token_latency_seconds", "Inter-token latency in seconds.", _ITL_BUCKETS),
+    "e2e": ("vllm:e2e_request_latency_seconds", "End-to-end request latency in seconds.",
+            _E2E_BUCKETS),
+    "request_prompt_tokens": ("vllm:request_prompt_tokens", "Prompt tokens per finished request.",
+                              _TOKEN_BUCKETS),
+    "request_generation_tokens": ("vllm:request_generation_tokens",
+                                  "Generated tokens per finished request.", _TOKEN_BUCKETS),
+    "iteration_tokens": ("vllm:iteration_tokens_total", "Tokens per engine step.",
+                         _TOKEN_BUCKETS),
+    "queue_time": ("vllm:request_queue_time_seconds", "Time from arrival to first scheduling.",
+                   _PHASE_BUCKETS),
+    "prefill_time": ("vllm:request_prefill_time_seconds",
+                     "Time from first scheduling to first token.", _PHASE_BUCKETS),
+    "decode_time": ("vllm:request_decode_time_seconds", "Time from first token to the last.",
+                    _PHASE_BUCKETS),
+    "inference_time": ("vllm:request_inference_time_seconds",
+                       "Time from first scheduling to the last token.", _PHASE_BUCKETS),
+    "tpot": ("vllm:request_time_per_output_token_seconds",
+             "Mean time per output token after the first, per request.", _TPOT_BUCKETS),
+    "params_max_tokens": ("vllm:request_params_max_tokens", "The max_tokens of finished requests.",
+                          _TOKEN_BUCKETS),
+    "params_n": ("vllm:request_params_n", "The n of finished requests.", _N_BUCKETS),
+}
+
 
 class Metrics:
     """The engine's counters, gauges and latency histograms, labelled with the model name."""
@@ -71,40 +99,11 @@ class Metrics:
                               "KV-cache usage; 1 means 100 percent usage.")
         self.prefix_hit_rate = gauge("vllm:prefix_cache_hit_rate",
                                      "Prefix cache hit rate since start (hits / queries).")
-        self.ttft = histogram("vllm:time_to_first_token_seconds",
-                              "Time to first token in seconds.", _TTFT_BUCKETS)
-        self.itl = histogram("vllm:inter_token_latency_seconds",
-                             "Inter-token latency in seconds.", _ITL_BUCKETS)
-        self.e2e = histogram("vllm:e2e_request_latency_seconds",
-                             "End-to-end request latency in seconds.", _E2E_BUCKETS)
-        self.request_prompt_tokens = histogram("vllm:request_prompt_tokens",
-                                               "Prompt tokens per finished request.",
-                                               _TOKEN_BUCKETS)
-        self.request_generation_tokens = histogram("vllm:request_generation_tokens",
-                                                   "Generated tokens per finished request.",
-                                                   _TOKEN_BUCKETS)
+        for attr, (name, doc, buckets) in _HISTOGRAMS.items():
+            setattr(self, attr, histogram(name, doc, buckets))
         self.prompt_tokens_cached = counter("vllm:prompt_tokens_cached",
                                             "Prompt tokens served from the prefix cache.").labels(
             model_name)
-        self.iteration_tokens = histogram("vllm:iteration_tokens_total",
-                                          "Tokens per engine step.", _TOKEN_BUCKETS)
-        self.queue_time = histogram("vllm:request_queue_time_seconds",
-                                    "Time from arrival to first scheduling.", _PHASE_BUCKETS)
-        self.prefill_time = histogram("vllm:request_prefill_time_seconds",
-                                      "Time from first scheduling to first token.",
-                                      _PHASE_BUCKETS)
-        self.decode_time = histogram("vllm:request_decode_time_seconds",
-                                     "Time from first token to the last.", _PHASE_BUCKETS)
-        self.inference_time = histogram("vllm:request_inference_time_seconds",
-                                        "Time from first scheduling to the last token.",
-                                        _PHASE_BUCKETS)
-        self.tpot = histogram("vllm:request_time_per_output_token_seconds",
-                              "Mean time per output token after the first, per request.",
-                              _TPOT_BUCKETS)
-        self.params_max_tokens = histogram("vllm:request_params_max_tokens",
-                                           "The max_tokens of finished requests.", _TOKEN_BUCKETS)
-        self.params_n = histogram("vllm:request_params_n", "The n of finished requests.",
-                                  _N_BUCKETS)
         # HTTP traffic, under the names vLLM's FastAPI instrumentation uses.
         self.http_requests = Counter("http_requests", "HTTP requests, by handler, method and "
                                      "status class.", ["handler", "method", "status"],
