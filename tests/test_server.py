@@ -477,6 +477,9 @@ BAD_COMPLETIONS = {
 
 BAD_CHATS = {
     "no messages": {"messages": []},
+    "functions (not supported)": {"messages": MESSAGES, "functions": [{"name": "f"}]},
+    "audio output (not supported)": {"messages": MESSAGES, "modalities": ["text", "audio"],
+                                     "audio": {"voice": "alloy", "format": "wav"}},
     "message without a role": {"messages": [{"content": "hi"}]},
     "message with an unknown role": {"messages": [{"role": "wizard", "content": "hi"}]},
     "content of the wrong type": {"messages": [{"role": "user", "content": 5}]},
@@ -868,3 +871,11 @@ def test_chat_template_flag(serve_app, default_tokenizer):
         assert r.status_code == 200
         expected = default_tokenizer("<user>hi there", add_special_tokens=False).input_ids
         assert r.json()["tokens"] == expected
+
+
+def test_informational_openai_fields_are_accepted(http):
+    body = {"model": SERVED_NAME, "messages": MESSAGES, "max_tokens": 2, "user": "u1",
+            "metadata": {"team": "a"}, "store": False, "service_tier": "auto",
+            "prompt_cache_key": "k", "safety_identifier": "s", "modalities": ["text"]}
+    assert post_ok(http, "/v1/chat/completions", body)["choices"][0]["message"]["content"] \
+        is not None

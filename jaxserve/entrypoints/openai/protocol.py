@@ -91,6 +91,12 @@ class _SamplingFields(OpenAIBaseModel):
     temperature: float | None = None
     top_p: float | None = None
     user: str | None = None
+    # OpenAI fields that describe the request and do not change what is generated: accepted.
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     response_format: ResponseFormat | None = None
     # vLLM's extras.
     best_of: int | None = None
@@ -300,6 +306,12 @@ class ChatCompletionRequest(_SamplingFields):
         return super().problem()
 
     def unsupported(self) -> str | None:
+        # OpenAI fields that would change the answer and that jaxserve does not implement.
+        for name in ("functions", "function_call", "audio", "web_search_options", "verbosity"):
+            if (self.model_extra or {}).get(name) is not None:
+                return f"{name} is not supported"
+        if (self.model_extra or {}).get("modalities") not in (None, ["text"]):
+            return "modalities other than ['text'] are not supported"
         if self.tools and self.tool_choice not in (None, "none"):
             return ("tool calling (tool_choice other than 'none') is not implemented yet; "
                     "tools are only passed to the chat template with tool_choice='none'")
