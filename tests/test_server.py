@@ -12,6 +12,7 @@ import logging
 import subprocess
 import signal
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -881,3 +882,44 @@ def test_informational_openai_fields_are_accepted(http):
             "prompt_cache_key": "k", "safety_identifier": "s", "modalities": ["text"]}
     assert post_ok(http, "/v1/chat/completions", body)["choices"][0]["message"]["content"] \
         is not None
+
+
+@pytest.mark.slow
+def test_readme_command_serves_the_default_model(default_tokenizer, tmp_path):
+    """README's main command, `jaxserve serve` with no model (only a free port here): the
+    default model answers the openai client and curl-style raw HTTP."""
+    from server_utils import REPO, free_port
+
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "jaxserve.cli", "serve", "--port",
+                                 str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "not ready in 300 s"
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        cl = openai.OpenAI(base_url=base + "/v1", api_key="EMPTY", max_retries=0)
+        model = cl.models.list().data[0].id
+        assert model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        answer = cl.chat.completions.create(model=model, messages=question, max_tokens=32,
+                                            temperature=0)
+        assert "Paris" in answer.choices[0].message.content
+        raw = httpx.post(base + "/v1/chat/completions", timeout=60,
+                         json={"messages": question, "max_tokens": 32, "temperature": 0})
+        assert raw.json()["choices"][0]["message"]["content"] == \
+            answer.choices[0].message.content
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
