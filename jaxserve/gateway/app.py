@@ -22,8 +22,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jaxserve.entrypoints.uvicorn_utils import bind_socket, graceful_server
-from jaxserve.gateway.proxy import Relay, error_response, new_client
+from jaxserve.entrypoints.http_common import (bind_socket, error_json, graceful_server,
+                                             read_json_object)
+from jaxserve.gateway.proxy import Relay, new_client
 from jaxserve.gateway.registry import GatewayConfig, Registry, Worker
 from jaxserve.gateway.status_page import STATUS_PAGE
 
@@ -56,12 +57,9 @@ def _guard(check: Callable[[Request], None], handler: Handler) -> Handler:
 
 async def _json_object(request: Request) -> dict[str, Any]:
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _Refused(error_response("The request body is not valid JSON.", 400)) from None
-    if not isinstance(body, dict):
-        raise _Refused(error_response("The request body must be a JSON object.", 400))
-    return body
+        return await read_json_object(request)
+    except ValueError as e:
+        raise _Refused(error_json(str(e), 400)) from None
 
 
 def _log_follow(registry: Registry, worker: Worker) -> Response:
@@ -103,20 +101,20 @@ def build_app(config: GatewayConfig) -> Starlette:
             return
         given = request.headers.get("x-gateway-token") or request.query_params.get("token")
         if not _same(given, config.gateway_token):
-            raise _Refused(error_response("Invalid or missing gateway token (X-Gateway-Token).",
+            raise _Refused(error_json("Invalid or missing gateway token (X-Gateway-Token).",
                                           401, code="invalid_gateway_token"))
 
     def check_api_key(request: Request) -> None:
         if config.api_key is None:
             return
         if not _same(request.headers.get("authorization"), f"Bearer {config.api_key}"):
-            raise _Refused(error_response("Invalid or missing API key.", 401,
+            raise _Refused(error_json("Invalid or missing API key.", 401,
                                           code="invalid_api_key"))
 
     def known(request: Request) -> Worker:
         worker = registry.workers.get(request.path_params["id"])
         if worker is None:
-            raise _Refused(error_response(
+            raise _Refused(error_json(
                 f"No worker {request.path_params['id']!r}: register again.", 404,
                 code="worker_not_found"))
         return worker
@@ -126,14 +124,14 @@ def build_app(config: GatewayConfig) -> Starlette:
         try:
             worker = registry.register(await _json_object(request))
         except ValueError as e:
-            return error_response(str(e), 400)
+            return error_json(str(e), 400)
         return JSONResponse({"id": worker.id, "heartbeat_interval": worker.heartbeat_interval})
 
     async def heartbeat(request: Request) -> Response:
         worker = known(request)
         load = (await _json_object(request)).get("load") or {}
         if not isinstance(load, dict):
-            return error_response("load must be an object", 400, param="load")
+            return error_json("load must be an object", 400, param="load")
         registry.heartbeat(worker, load)
         return JSONResponse({"status": "ok"})
 
@@ -146,9 +144,9 @@ def build_app(config: GatewayConfig) -> Starlette:
         body = await _json_object(request)
         lines, dropped = body.get("lines") or [], body.get("dropped") or 0
         if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
-            return error_response("lines must be a list of strings", 400, param="lines")
+            return error_json("lines must be a list of strings", 400, param="lines")
         if not isinstance(dropped, int) or dropped < 0:
-            return error_response("dropped must be a count", 400, param="dropped")
+            return error_json("dropped must be a count", 400, param="dropped")
         registry.add_logs(worker, lines, dropped)
         return JSONResponse({"status": "ok"})
 
@@ -211,10 +209,10 @@ def build_app(config: GatewayConfig) -> Starlette:
     ]
 
     async def not_found(request: Request, exc: Exception) -> Response:
-        return error_response(f"No route {request.method} {request.url.path}.", 404)
+        return error_json(f"No route {request.method} {request.url.path}.", 404)
 
     async def wrong_method(request: Request, exc: Exception) -> Response:
-        return error_response(f"{request.method} is not allowed on {request.url.path}.", 405)
+        return error_json(f"{request.method} is not allowed on {request.url.path}.", 405)
 
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={404: not_found, 405: wrong_method})

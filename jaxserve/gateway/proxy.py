@@ -6,8 +6,6 @@ another worker: the client has received nothing yet, so it sees one answer.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,6 +14,7 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from jaxserve.entrypoints.http_common import error_json, unless_disconnected
 from jaxserve.gateway.registry import NoWorker, Registry, Worker
 
 # Hop-by-hop headers (RFC 9110 7.6.1): never relayed; a request's host and length are httpx's.
@@ -28,17 +27,9 @@ _WORKER_DOWN = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx
                 httpx.RemoteProtocolError)
 
 
-def error_response(message: str, status: int, *, code: str | None = None,
-                   param: str | None = None) -> JSONResponse:
-    """An error in OpenAI's shape, as the workers answer them."""
-    type_ = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param,
-                                   "code": code}}, status_code=status)
-
-
 def no_worker_response(e: NoWorker) -> JSONResponse:
     code = "model_not_found" if e.status == 404 else None
-    return error_response(e.message, e.status, code=code, param="model" if code else None)
+    return error_json(e.message, e.status, code=code, param="model" if code else None)
 
 
 def new_client() -> httpx.AsyncClient:
@@ -62,24 +53,6 @@ class _Relay(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.on_close()
-
-
-async def _until_disconnect(request: Request, work: Awaitable[httpx.Response]
-                            ) -> httpx.Response | None:
-    """Await `work`; None (and `work` cancelled) if the client goes away first."""
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
-    await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        watcher.cancel()
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
-        await task
-    return None
 
 
 def _model_of(body: bytes) -> str | None:
@@ -116,15 +89,15 @@ class Relay:
                 headers=headers, content=body)
             worker.in_flight += 1
             try:
-                upstream = await _until_disconnect(request,
-                                                   self.client.send(outgoing, stream=True))
+                upstream = await unless_disconnected(request.receive,
+                                                     self.client.send(outgoing, stream=True))
             except _WORKER_DOWN as e:
                 worker.in_flight -= 1
                 self.registry.mark_unhealthy(worker, f"no answer: {e!r}")
                 continue  # the client has nothing yet: another worker takes the request
             except httpx.TransportError as e:  # e.g. a header httpx cannot send
                 worker.in_flight -= 1
-                return error_response(f"Cannot relay the request to {worker.url}: {e!r}", 502)
+                return error_json(f"Cannot relay the request to {worker.url}: {e!r}", 502)
             if upstream is None:
                 worker.in_flight -= 1
                 return Response(status_code=499)

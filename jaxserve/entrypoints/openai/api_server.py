@@ -8,7 +8,6 @@ SIGTERM/SIGINT, letting in-flight requests finish for up to `--shutdown-timeout`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import importlib
 import inspect
@@ -43,7 +42,9 @@ from jaxserve.entrypoints.openai.protocol import (ChatCompletionRequest, Complet
 from jaxserve.entrypoints.openai.serving import RequestError, ServingOptions
 from jaxserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from jaxserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from jaxserve.entrypoints.uvicorn_utils import bind_socket, graceful_server
+from jaxserve.entrypoints.http_common import (bind_socket, error_body, error_json,
+                                             graceful_server, read_json_object,
+                                             unless_disconnected)
 from jaxserve.metrics import Metrics
 
 logger = logging.getLogger("jaxserve.server")
@@ -53,16 +54,8 @@ _OPEN_PATHS = {"/health", "/ping", "/version", "/metrics", "/openapi.json", "/do
 
 
 # ---- errors ---------------------------------------------------------------------------------------
-def error_body(message: str, status: int, *, type_: str | None = None, param: str | None = None,
-               code: str | int | None = None) -> dict[str, Any]:
-    if type_ is None:
-        type_ = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
 def error_response(e: RequestError) -> JSONResponse:
-    return JSONResponse(error_body(e.message, e.status, type_=e.type, param=e.param,
-                                   code=e.code), status_code=e.status)
+    return error_json(e.message, e.status, param=e.param, code=e.code)
 
 
 def _validation_error(e: pydantic.ValidationError) -> RequestError:
@@ -74,11 +67,9 @@ def _validation_error(e: pydantic.ValidationError) -> RequestError:
 
 async def _parse(request: Request, model: type[pydantic.BaseModel]):
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RequestError("The request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise RequestError("The request body must be a JSON object.")
+        body = await read_json_object(request)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
     try:
         parsed = model.model_validate(body)
     except pydantic.ValidationError as e:
@@ -89,25 +80,13 @@ async def _parse(request: Request, model: type[pydantic.BaseModel]):
 
 
 # ---- disconnects ------------------------------------------------------------------------------------
-async def _wait_for_disconnect(receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
-    """Run `work`; if the client goes away first, cancel it (aborting its engine requests)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
-    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        watcher.cancel()
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return Response(status_code=499)
+async def _json_until_disconnect(request: Request, work: Awaitable[pydantic.BaseModel]
+                                 ) -> Response:
+    """The response `work` builds, as JSON; if the client goes away first, `work` is cancelled
+    (which aborts its engine requests)."""
+    response = await unless_disconnected(request.receive, work)
+    return Response(status_code=499) if response is None else JSONResponse(
+        response.model_dump())
 
 
 class _SSEResponse(StreamingResponse):
@@ -118,19 +97,10 @@ class _SSEResponse(StreamingResponse):
         self.on_close: Callable[[], None] | None = None
 
     async def __call__(self, scope, receive, send) -> None:
-        async def never():  # the watcher below owns `receive`
+        async def never():  # the watcher in unless_disconnected owns `receive`
             await asyncio.Event().wait()
 
-        stream = asyncio.ensure_future(super().__call__(scope, never, send))
-        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-        done, _ = await asyncio.wait({stream, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if stream in done:
-            watcher.cancel()
-            stream.result()
-            return
-        stream.cancel()
-        with contextlib.suppress(asyncio.CancelledError, OSError):
-            await stream
+        await unless_disconnected(receive, super().__call__(scope, never, send))
 
 
 async def _sse(payloads: AsyncIterator[str], response: _SSEResponse) -> AsyncIterator[str]:
@@ -139,7 +109,7 @@ async def _sse(payloads: AsyncIterator[str], response: _SSEResponse) -> AsyncIte
         async for payload in payloads:
             yield f"data: {payload}\n\n"
     except RequestError as e:
-        yield f"data: {json.dumps(error_body(e.message, e.status, type_=e.type))}\n\n"
+        yield f"data: {json.dumps(error_body(e.message, e.status))}\n\n"
     except ValueError as e:
         yield f"data: {json.dumps(error_body(str(e), 400))}\n\n"
     except EngineDeadError:
@@ -174,8 +144,7 @@ class _AuthMiddleware:
             return await self.app(scope, receive, send)
         given = (Headers(scope=scope).get("authorization") or "").encode()
         if not any(hmac.compare_digest(given, k) for k in self.keys):
-            response = JSONResponse(error_body("Invalid or missing API key.", 401,
-                                               code="invalid_api_key"), status_code=401)
+            response = error_json("Invalid or missing API key.", 401, code="invalid_api_key")
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -305,8 +274,7 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
                 return error_response(e)
             except EngineDeadError:
                 logger.exception("the engine has stopped")
-                return JSONResponse(error_body("The engine has stopped; restart the server.",
-                                               500), status_code=500)
+                return error_json("The engine has stopped; restart the server.", 500)
             finally:
                 if not streaming:
                     load["in_flight"] -= 1
@@ -318,10 +286,8 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
         prompts = completions.prepare(req, engine_id(request_id))
         if req.stream:
             return _SSEResponse(completions.stream(req, request_id, prompts))
-        response = await _until_disconnect(request, completions.complete(req, request_id,
-                                                                         prompts))
-        return response if isinstance(response, Response) else JSONResponse(
-            response.model_dump())
+        return await _json_until_disconnect(request, completions.complete(req, request_id,
+                                                                          prompts))
 
     async def create_chat_completion(request: Request) -> Response:
         req = await _parse(request, ChatCompletionRequest)
@@ -330,9 +296,7 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
         eid = engine_id(request_id)
         if req.stream:
             return _SSEResponse(chat.stream(req, request_id, eid, prompt))
-        response = await _until_disconnect(request, chat.complete(req, request_id, eid, prompt))
-        return response if isinstance(response, Response) else JSONResponse(
-            response.model_dump())
+        return await _json_until_disconnect(request, chat.complete(req, request_id, eid, prompt))
 
     async def list_models(request: Request) -> Response:
         cards = [ModelCard(id=name, root=core.model_path, max_model_len=core.max_model_len)
@@ -347,10 +311,10 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
 
     async def tokenize(request: Request) -> Response:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RequestError("The request body is not valid JSON.") from None
-        if isinstance(body, dict) and "messages" in body:
+            body = await read_json_object(request)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        if "messages" in body:
             req = await _parse(request, TokenizeChatRequest)
             chat.check_model(req.model)
             text = chat.render(req.messages, add_generation_prompt=req.add_generation_prompt,
@@ -379,7 +343,7 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
 
     async def health(request: Request) -> Response:
         if engine.dead_error is not None:
-            return JSONResponse(error_body("The engine has stopped.", 503), status_code=503)
+            return error_json("The engine has stopped.", 503)
         return Response(status_code=200)
 
     async def version(request: Request) -> Response:
@@ -431,12 +395,11 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
     middleware += [_user_middleware(p) for p in _opt(ns, "middleware", []) or []]
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        return JSONResponse(error_body(str(exc.detail), exc.status_code),
-                            status_code=exc.status_code)
+        return error_json(str(exc.detail), exc.status_code)
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body(f"internal error: {exc}", 500), status_code=500)
+        return error_json(f"internal error: {exc}", 500)
 
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={HTTPException: http_error, Exception: internal_error})

@@ -32,12 +32,6 @@ class RequestError(Exception):
         super().__init__(message)
         self.message, self.status, self.param, self.code = message, status, param, code
 
-    @property
-    def type(self) -> str:
-        # OpenAI's API calls every client-side mistake an invalid_request_error, and tells them
-        # apart by `code` (model_not_found, invalid_api_key, ...).
-        return "invalid_request_error"
-
 
 SYSTEM_FINGERPRINT = f"jaxserve-{__version__}"
 
