@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 T = TypeVar("T")
 
 
-# ---- errors and bodies ----------------------------------------------------------------------------
+# ---- errors and bodies ---------------------------------------------------------------------------
 def error_body(message: str, status: int, *, param: str | None = None,
                code: str | int | None = None) -> dict[str, Any]:
     """OpenAI's error object. OpenAI calls every client-side mistake an invalid_request_error and
@@ -42,7 +42,7 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     return body
 
 
-# ---- clients that leave ---------------------------------------------------------------------------
+# ---- clients that leave --------------------------------------------------------------------------
 async def wait_for_disconnect(receive) -> None:
     while True:
         message = await receive()
@@ -67,7 +67,7 @@ async def unless_disconnected(receive, work: Awaitable[T]) -> T | None:
     return None
 
 
-# ---- running under uvicorn ------------------------------------------------------------------------
+# ---- running under uvicorn -----------------------------------------------------------------------
 
 
 def bind_socket(host: str | None, port: int) -> socket.socket:

@@ -53,7 +53,7 @@ logger = logging.getLogger("jaxserve.server")
 _OPEN_PATHS = {"/health", "/ping", "/version", "/metrics", "/openapi.json", "/docs"}
 
 
-# ---- errors ---------------------------------------------------------------------------------------
+# ---- errors --------------------------------------------------------------------------------------
 def error_response(e: RequestError) -> JSONResponse:
     return error_json(e.message, e.status, param=e.param, code=e.code)
 
@@ -79,7 +79,7 @@ async def _parse(request: Request, model: type[pydantic.BaseModel]):
     return parsed
 
 
-# ---- disconnects ------------------------------------------------------------------------------------
+# ---- disconnects ---------------------------------------------------------------------------------
 async def _json_until_disconnect(request: Request, work: Awaitable[pydantic.BaseModel]
                                  ) -> Response:
     """The response `work` builds, as JSON; if the client goes away first, `work` is cancelled
@@ -126,7 +126,7 @@ async def _sse(payloads: AsyncIterator[str], response: _SSEResponse) -> AsyncIte
     yield "data: [DONE]\n\n"
 
 
-# ---- middleware -------------------------------------------------------------------------------------
+# ---- middleware ----------------------------------------------------------------------------------
 class _AuthMiddleware:
     """`Authorization: Bearer <key>` on every path but health, metrics and docs."""
 
@@ -211,7 +211,7 @@ def _user_middleware(path: str) -> Middleware:
     raise ValueError(f"--middleware {path!r} is neither a class nor an async function")
 
 
-# ---- the app ---------------------------------------------------------------------------------------
+# ---- the app -------------------------------------------------------------------------------------
 def _opt(ns: Namespace, name: str, default=None):
     value = getattr(ns, name, default)
     return default if value is None else value

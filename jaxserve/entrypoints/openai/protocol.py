@@ -62,7 +62,7 @@ class ErrorResponse(OpenAIBaseModel):
     error: ErrorInfo
 
 
-# ---- shared request parts -------------------------------------------------------------------------
+# ---- shared request parts ------------------------------------------------------------------------
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool | None = True
     continuous_usage_stats: bool | None = False
@@ -184,7 +184,7 @@ class _SamplingFields(OpenAIBaseModel):
             bad_words=self.bad_words, output_kind=output_kind)
 
 
-# ---- completions ----------------------------------------------------------------------------------
+# ---- completions ---------------------------------------------------------------------------------
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=0)
@@ -396,7 +396,7 @@ class ChatCompletionStreamResponse(_StreamResponse):
     system_fingerprint: str | None = None
 
 
-# ---- models, tokenize ------------------------------------------------------------------------------
+# ---- models, tokenize ----------------------------------------------------------------------------
 class ModelCard(OpenAIBaseModel):
     id: str
     object: Literal["model"] = "model"

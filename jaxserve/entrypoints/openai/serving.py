@@ -121,6 +121,24 @@ class OpenAIServing:
             raise RequestError(f"Token id {bad} is out of vocabulary (size {vocab}).",
                                param=param)
 
+    def prompt_ids(self, ids: list[int], truncate: int | None, param: str) -> list[int]:
+        """`ids` checked, then cut to their last `truncate` tokens (-1: max_model_len; vLLM's
+        truncate_prompt_tokens) and checked again."""
+        self.check_prompt_ids(ids, param=param)
+        if truncate is None:
+            return ids
+        keep = self.max_model_len if truncate == -1 else truncate
+        ids = ids[-keep:] if keep else []
+        self.check_prompt_ids(ids, param=param)
+        return ids
+
+    def stream_usage(self, request) -> tuple[bool, bool]:
+        """(a last chunk with usage, usage in every chunk): stream_options, or the server's
+        --enable-force-include-usage."""
+        opts = request.stream_options
+        include = self.options.enable_force_include_usage or bool(opts and opts.include_usage)
+        return include, include and bool(opts and opts.continuous_usage_stats)
+
     def max_tokens_for(self, prompt_len: int, requested: int | None, *, what: str) -> int:
         """The request's max_tokens, checked against the context; None means all that fits."""
         limit = self.max_model_len

@@ -89,11 +89,7 @@ class OpenAIServingChat(OpenAIServing):
                            chat_template_kwargs=request.chat_template_kwargs,
                            tools=request.tools, documents=request.documents)
         ids = self.tokenizer(text, add_special_tokens=request.add_special_tokens).input_ids
-        self.check_prompt_ids(ids, param="messages")
-        k = request.truncate_prompt_tokens
-        if k is not None:
-            ids = ids[-(self.max_model_len if k == -1 else k):] if k else []
-            self.check_prompt_ids(ids, param="messages")
+        ids = self.prompt_ids(ids, request.truncate_prompt_tokens, param="messages")
         requested = request.max_completion_tokens
         if requested is None:
             requested = request.max_tokens
@@ -154,10 +150,7 @@ class OpenAIServingChat(OpenAIServing):
         index order, once the first token exists. Each choice ends with one finish_reason."""
         created = int(time.time())
         model = request.model or self.model_name
-        opts = request.stream_options
-        include_usage = self.options.enable_force_include_usage or bool(
-            opts and opts.include_usage)
-        continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+        include_usage, continuous = self.stream_usage(request)
         started = False
         prompt_tokens, completion_tokens, cached = len(prompt.ids), 0, None
 

@@ -6,13 +6,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from jaxserve.entrypoints.openai.protocol import (CompletionRequest, CompletionResponse,
-                                                  CompletionResponseChoice,
+from jaxserve.entrypoints.openai.protocol import (CompletionLogProbs, CompletionRequest,
+                                                  CompletionResponse, CompletionResponseChoice,
                                                   CompletionStreamChoice,
                                                   CompletionStreamResponse)
 from jaxserve.entrypoints.openai.serving import (SYSTEM_FINGERPRINT, OpenAIServing,
                                                  RequestError, merge_streams, value_error)
-from jaxserve.outputs import RequestOutput
+from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -62,12 +62,9 @@ class OpenAIServingCompletion(OpenAIServing):
                                      ).input_ids
             else:
                 text, ids = None, list(prompt)
-            self.check_prompt_ids(ids)
-            k = request.truncate_prompt_tokens
-            if k is not None:
-                k = self.max_model_len if k == -1 else k
-                ids, text = ids[-k:] if k else [], None
-                self.check_prompt_ids(ids)
+            ids = self.prompt_ids(ids, request.truncate_prompt_tokens, param="prompt")
+            if request.truncate_prompt_tokens is not None:
+                text = None  # the text no longer matches the ids
             max_tokens = self.max_tokens_for(len(ids), request.max_tokens, what="prompt")
             try:
                 params = request.sampling_params(max_tokens, logprobs, self.default_sampling,
@@ -84,9 +81,22 @@ class OpenAIServingCompletion(OpenAIServing):
     def _prompt_text(self, p: _Prompt) -> str:
         return p.text if p.text is not None else self.tokenizer.decode(p.ids)
 
-    def _echo_logprobs(self, p: _Prompt, out: RequestOutput, k: int):
+    def _logprobs(self, k: int, p: _Prompt, out: RequestOutput, c: CompletionOutput,
+                  offset: int, echo: str | None) -> tuple[CompletionLogProbs, int]:
+        """The completions-format logprobs of `c`'s (new) tokens, their text starting at
+        `offset`; with `echo` (the prompt's text), the prompt's own logprobs go first (offsets
+        from 0) and the generated ones follow the prompt's text. Also returns the offset after."""
+        if echo is not None:
+            offset = len(echo)
+        gen = self.completion_logprobs(c.token_ids, c.logprobs or [], k, offset)
+        end = offset + sum(len(t) for t in gen.tokens)
+        if echo is None:
+            return gen, end
         steps = list(out.prompt_logprobs or [None] * len(p.ids))
-        return self.completion_logprobs(p.ids, steps, k, 0)
+        logprobs = self.completion_logprobs(p.ids, steps, k, 0)
+        for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs"):
+            getattr(logprobs, name).extend(getattr(gen, name))
+        return logprobs, end
 
     # ---- non-streaming ---------------------------------------------------------------------
     async def complete(self, request: CompletionRequest, request_id: str,
@@ -104,23 +114,13 @@ class OpenAIServingCompletion(OpenAIServing):
         for i, p in enumerate(prompts):
             out = final[i]
             cached += out.num_cached_tokens
+            echo = self._prompt_text(p) if request.echo else None
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
-                text, logprobs = c.text, None
+                logprobs = None
                 if request.logprobs is not None:
-                    offset = 0
-                    if request.echo:
-                        logprobs = self._echo_logprobs(p, out, request.logprobs)
-                        offset = len(self._prompt_text(p))
-                    gen = self.completion_logprobs(c.token_ids, c.logprobs or [],
-                                                   request.logprobs, offset)
-                    if logprobs is None:
-                        logprobs = gen
-                    else:
-                        for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs"):
-                            getattr(logprobs, name).extend(getattr(gen, name))
-                if request.echo:
-                    text = self._prompt_text(p) + text
+                    logprobs, _ = self._logprobs(request.logprobs, p, out, c, 0, echo)
+                text = c.text if echo is None else echo + c.text
                 choices.append(CompletionResponseChoice(
                     index=i * n + c.index, text=text, logprobs=logprobs,
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason,
@@ -142,10 +142,7 @@ class OpenAIServingCompletion(OpenAIServing):
         created = int(time.time())
         model = request.model or self.model_name
         n = request.n
-        opts = request.stream_options
-        include_usage = self.options.enable_force_include_usage or bool(
-            opts and opts.include_usage)
-        continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+        include_usage, continuous = self.stream_usage(request)
         states = {(i, j): _Choice() for i in range(len(prompts)) for j in range(n)}
         prompt_tokens = sum(len(p.ids) for p in prompts)
         completion_tokens, cached = 0, 0
@@ -159,23 +156,14 @@ class OpenAIServingCompletion(OpenAIServing):
                 cached += out.num_cached_tokens
             for c in out.outputs:
                 st = states[(i, c.index)]
-                text, logprobs = c.text, None
-                if request.echo and not st.echoed:
+                echo = None
+                if request.echo and not st.echoed:  # the choice's first chunk
                     st.echoed = True
-                    prompt_text = self._prompt_text(p)
-                    if request.logprobs is not None:
-                        logprobs = self._echo_logprobs(p, out, request.logprobs)
-                    text = prompt_text + text
-                    st.text_offset = len(prompt_text)
+                    echo = self._prompt_text(p)
+                text, logprobs = c.text if echo is None else echo + c.text, None
                 if request.logprobs is not None:
-                    gen = self.completion_logprobs(c.token_ids, c.logprobs or [],
-                                                   request.logprobs, st.text_offset)
-                    st.text_offset += sum(len(t) for t in gen.tokens)
-                    if logprobs is None:
-                        logprobs = gen
-                    else:
-                        for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs"):
-                            getattr(logprobs, name).extend(getattr(gen, name))
+                    logprobs, st.text_offset = self._logprobs(request.logprobs, p, out, c,
+                                                              st.text_offset, echo)
                 completion_tokens += len(c.token_ids)
                 if not text and not c.token_ids and c.finish_reason is None:
                     continue
