@@ -73,11 +73,11 @@ def serve_argv(model: str, **opts: Any) -> list[str]:
 class ServerProcess:
     """`jaxserve serve` on a loopback port; its output goes to `log_path`."""
 
-    def __init__(self, model: str, log_path: str, **opts: Any):
+    def __init__(self, model: str, log_path: str, extra_argv: tuple[str, ...] = (), **opts: Any):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        argv = serve_argv(model, host="127.0.0.1", port=self.port, **opts)
+        argv = serve_argv(model, host="127.0.0.1", port=self.port, **opts) + list(extra_argv)
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
 
@@ -100,15 +100,20 @@ class ServerProcess:
         raise TimeoutError(f"server not ready in {timeout} s:\n{self.log()}")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        return stop_process(self.proc, self._log, timeout=30)
+
+
+def stop_process(proc: subprocess.Popen, log, timeout: float) -> int:
+    """SIGTERM, then SIGKILL after `timeout` s; closes its log file; the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log.close()
+    return proc.returncode
 
 
 # ---- in-process servers --------------------------------------------------------------------------

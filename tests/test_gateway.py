@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 pytest.register_assert_rewrite("server_utils")
 from server_utils import (REPO, SERVED_NAME, SERVER_ENGINE, ServerProcess,  # noqa: E402
-                          free_port, sse_chunks)
+                          free_port, sse_chunks, stop_process)
 
 from jaxserve.gateway.app import build_app  # noqa: E402
 from jaxserve.gateway.registry import GatewayConfig  # noqa: E402
@@ -607,31 +607,17 @@ class GatewayProcess:
         self.ready_at = time.monotonic()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        return stop_process(self.proc, self._log, timeout=20)
 
 
 class WorkerProcess(ServerProcess):
     """`jaxserve serve MODEL -ga URL --hi 1 --gateway-token T` (the short spellings)."""
 
     def __init__(self, model: str, log_path: str, gateway_url: str):
-        from server_utils import serve_argv
-
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        argv = serve_argv(model, host="127.0.0.1", port=self.port,
-                          served_model_name=[SERVED_NAME], **SERVER_ENGINE)
-        argv += ["-ga", gateway_url, "--hi", str(HEARTBEAT_S), "--gateway-token", TOKEN]
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+        super().__init__(model, log_path,
+                         extra_argv=("-ga", gateway_url, "--hi", str(HEARTBEAT_S),
+                                     "--gateway-token", TOKEN),
+                         served_model_name=[SERVED_NAME], **SERVER_ENGINE)
 
 
 @pytest.fixture(scope="module")
