@@ -2,14 +2,47 @@
 
 - `ref`: pure jnp, the oracle for every other backend; runs anywhere.
 - `cpu`: a C++ kernel called through XLA's FFI, the engine's default on CPU (float32).
+- `tpu`: Pallas Mosaic TPU (`interpret=True`: under `pltpu.force_tpu_interpret_mode()` on CPU).
+- `gpu`: Pallas for GPU (`interpret=True`: Pallas' interpreter on CPU).
+
+Every backend writes the step's new K/V through `ref.write_kv` (a scatter XLA performs in place
+on the donated cache) and differs only in how it attends.
 """
 
 from __future__ import annotations
 
-from jaxserve.kernels_pallas import ref
+import importlib
 
-BACKENDS = ("ref", "cpu")
+import jax
+
+from jaxserve.kernels_pallas import ref
+from jaxserve.kernels_pallas.quant import QuantizedKVCache, is_quantized_dtype
+
+BACKENDS = ("ref", "cpu", "tpu", "gpu")
+PALLAS_BACKENDS = ("tpu", "gpu")
 init_kv_cache = ref.init_kv_cache
+
+
+def backend_module(backend: str):
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not available; choose from {BACKENDS}")
+    return importlib.import_module(f"jaxserve.kernels_pallas.{backend}")
+
+
+def default_backend(platform: str | None = None) -> str:
+    """The attention backend for a JAX platform: `tpu` on TPU, `gpu` on CUDA/ROCm, `cpu` else
+    (the engine falls back to `ref` where the cpu kernel cannot serve a dtype)."""
+    platform = platform or jax.default_backend()
+    if platform == "tpu":
+        return "tpu"
+    if platform in ("gpu", "cuda", "rocm"):
+        return "gpu"
+    return "cpu"
+
+
+def default_page_size(backend: str) -> int:
+    """Tokens per KV page the backend is tuned for (`--block-size` overrides)."""
+    return backend_module(backend).DEFAULT_PAGE_SIZE
 
 
 def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *,
@@ -17,22 +50,20 @@ def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, 
                            backend: str = "ref", interpret: bool = False, layer=None):
     """Write the new K/V into `kv_cache`, then attend. Returns (out f[T, N, H], kv_cache).
 
-    q f[T, N, H]; k, v f[T, K, H]; kv_cache f[(L,) pages, page_size, 2K, H]; kv_lens i32[S];
-    page_indices i32[S*P]; cu_q_lens i32[S+1]; distribution i32[3]. `layer` selects a layer of
-    a stacked cache.
+    q f[T, N, H]; k, v f[T, K, H]; kv_cache f[(L,) pages, page_size, 2K, H] (or a
+    `QuantizedKVCache`); kv_lens i32[S]; page_indices i32[S*P]; cu_q_lens i32[S+1];
+    distribution i32[3]. `layer` selects a layer of a stacked cache.
     """
-    if backend == "ref":
-        fn = ref.ragged_paged_attention
-    elif backend == "cpu":
-        from jaxserve.kernels_pallas import cpu
-
-        fn = cpu.ragged_paged_attention
-    else:
-        raise ValueError(f"attention backend {backend!r} is not available; choose from {BACKENDS}")
-    if interpret and backend != "ref":
-        raise ValueError(f"interpret mode applies to Pallas backends, not {backend!r}")
-    return fn(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution,
-              sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer)
+    module = backend_module(backend)
+    if interpret and backend not in PALLAS_BACKENDS:
+        raise ValueError(f"interpret mode applies to Pallas backends {PALLAS_BACKENDS}, not "
+                         f"{backend!r}")
+    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer)
+    if backend in PALLAS_BACKENDS:
+        kwargs["interpret"] = interpret
+    return module.ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens,
+                                         distribution, **kwargs)
 
 
-__all__ = ["BACKENDS", "init_kv_cache", "ragged_paged_attention"]
+__all__ = ["BACKENDS", "PALLAS_BACKENDS", "QuantizedKVCache", "default_backend",
+           "default_page_size", "init_kv_cache", "is_quantized_dtype", "ragged_paged_attention"]

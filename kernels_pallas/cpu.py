@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.kernels_pallas.quant import QuantizedKVCache
 from jaxserve.kernels_pallas.ref import validate_inputs
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ _TARGETS = {"float32": ("jaxserve_paged_attention_f32", "JaxservePagedAttentionF
 # NOTE: -ffast-math lets GCC vectorise expf (glibc vector math) and the dot reductions; the
 # kernel never relies on inf or NaN (masked positions are never computed).
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+DEFAULT_PAGE_SIZE = 16
 
 
 def _cache_dir() -> str:
@@ -82,6 +84,9 @@ def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, 
     """Same ABI as `ref.ragged_paged_attention`: float32 q/k/v, a float32 or bfloat16 cache;
     `layer` must be a Python int."""
     validate_inputs(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution)
+    if isinstance(kv_cache, QuantizedKVCache):
+        raise ValueError("the cpu kernel does not read quantised (int8/fp8) caches; use the ref "
+                         "backend")
     cache_dtype = jnp.dtype(kv_cache.dtype).name
     if q.dtype != jnp.float32 or cache_dtype not in _TARGETS:
         raise ValueError(f"the cpu kernel takes float32 q and a float32 or bfloat16 cache, got "

@@ -7,7 +7,8 @@ time with an online softmax, so work grows with the longest context in the step 
 the page table's width.
 
 KV cache layout: `f[pages, page_size, 2K, H]` (keys in heads `[0, K)`, values in `[K, 2K)`), or
-with a leading layer axis `f[L, pages, page_size, 2K, H]` when the model passes `layer=`.
+with a leading layer axis `f[L, pages, page_size, 2K, H]` when the model passes `layer=`. An int8
+or float8 cache is a `QuantizedKVCache` of that layout plus one scale per token and head.
 """
 
 from __future__ import annotations
@@ -15,16 +16,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxserve.kernels_pallas.quant import QuantizedKVCache, dequantize, is_quantized_dtype, quantize
+
 # NOTE: tokens of context processed per loop iteration of the reference; a multiple of pages.
 _BLOCK_TOKENS = 128
+DEFAULT_PAGE_SIZE = 16
 
 
 def init_kv_cache(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype,
-                  num_layers: int | None = None) -> jax.Array:
-    """A zeroed paged KV cache, `f[(L,) pages, page_size, 2K, H]`."""
+                  num_layers: int | None = None):
+    """A zeroed paged KV cache, `f[(L,) pages, page_size, 2K, H]`; for int8 and float8 dtypes a
+    `QuantizedKVCache` (values of that shape, scales f32[(L,) pages, page_size, 2K])."""
     shape = (num_pages, page_size, 2 * num_kv_heads, head_dim)
     if num_layers is not None:
         shape = (num_layers, *shape)
+    if is_quantized_dtype(dtype):
+        return QuantizedKVCache(jnp.zeros(shape, dtype), jnp.ones(shape[:-1], jnp.float32))
     return jnp.zeros(shape, dtype)
 
 
@@ -80,31 +87,56 @@ def ragged_paged_attention(
 ):
     """Write the new K/V into the cache, then attend. Returns (out f[T, N, H], kv_cache)."""
     validate_inputs(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution)
-    stacked = layer is not None
-    if stacked and kv_cache.ndim != 5:
-        raise ValueError(f"layer= needs a stacked cache f[L, pages, page, 2K, H], got {kv_cache.shape}")
-    T, N, H = q.shape
+    kv_cache = write_kv(k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, layer=layer)
+    T = q.shape[0]
     K = k.shape[1]
     S = kv_lens.shape[0]
     P = page_indices.shape[0] // S
-    num_pages, page_size = kv_cache.shape[-4], kv_cache.shape[-3]
+    page_size = kv_cache.shape[-3]
+    seq, pos, valid = token_layout(kv_lens, cu_q_lens, distribution, T)
+    out = _attend(q, kv_cache, kv_lens, page_indices, distribution, seq, pos, valid,
+                  K=K, P=P, page_size=page_size, sm_scale=sm_scale,
+                  sliding_window=sliding_window, soft_cap=soft_cap, layer=layer)
+    return out.astype(q.dtype), kv_cache
 
+
+def write_kv(k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *, layer=None):
+    """Scatter the step's new K/V (f[T, K, H] each) into their pages; padded tokens are dropped.
+
+    Every backend writes through this (XLA updates the donated cache in place); the kernels only
+    read the cache.
+    """
+    stacked = layer is not None
+    if stacked and kv_cache.ndim != 5:
+        raise ValueError(f"layer= needs a stacked cache f[L, pages, page, 2K, H], got {kv_cache.shape}")
+    T = k.shape[0]
+    S = kv_lens.shape[0]
+    P = page_indices.shape[0] // S
+    num_pages, page_size = kv_cache.shape[-4], kv_cache.shape[-3]
     seq, pos, valid = token_layout(kv_lens, cu_q_lens, distribution, T)
     # Padded tokens point past the last page, and `mode="drop"` discards their writes.
     page_of_token = page_indices[seq * P + jnp.clip(pos // page_size, 0, P - 1)]
     page_of_token = jnp.where(valid, page_of_token, num_pages)
     slot = pos % page_size
-    new_kv = jnp.concatenate([k, v], axis=1).astype(kv_cache.dtype)  # f[T, 2K, H]
+    index = (page_of_token, slot)
     if stacked:
-        layer_idx = jnp.full((T,), layer, jnp.int32)
-        kv_cache = kv_cache.at[layer_idx, page_of_token, slot].set(new_kv, mode="drop")
-    else:
-        kv_cache = kv_cache.at[page_of_token, slot].set(new_kv, mode="drop")
+        index = (jnp.full((T,), layer, jnp.int32), *index)
+    new_kv = jnp.concatenate([k, v], axis=1)  # f[T, 2K, H]
+    if isinstance(kv_cache, QuantizedKVCache):
+        data, scale = quantize(new_kv, kv_cache.data.dtype)
+        return QuantizedKVCache(kv_cache.data.at[index].set(data, mode="drop"),
+                                kv_cache.scale.at[index].set(scale, mode="drop"))
+    return kv_cache.at[index].set(new_kv.astype(kv_cache.dtype), mode="drop")
 
-    out = _attend(q, kv_cache, kv_lens, page_indices, distribution, seq, pos, valid,
-                  K=K, P=P, page_size=page_size, sm_scale=sm_scale,
-                  sliding_window=sliding_window, soft_cap=soft_cap, layer=layer)
-    return out.astype(q.dtype), kv_cache
+
+def read_pages(kv_cache, pages, layer=None):
+    """Gather pages (i32[...]) of one layer as float32: f32[..., page_size, 2K, H]."""
+    if isinstance(kv_cache, QuantizedKVCache):
+        if layer is None:
+            return dequantize(kv_cache.data[pages], kv_cache.scale[pages])
+        return dequantize(kv_cache.data[layer, pages], kv_cache.scale[layer, pages])
+    kv = kv_cache[pages] if layer is None else kv_cache[layer, pages]
+    return kv.astype(jnp.float32)
 
 
 def _attend(q, kv_cache, kv_lens, page_indices, distribution, seq, pos, valid, *, K, P, page_size,
@@ -132,11 +164,8 @@ def _attend(q, kv_cache, kv_lens, page_indices, distribution, seq, pos, valid, *
         m, l, acc = carry  # f32[T, K, G], f32[T, K, G], f32[T, K, G, H]
         page_ids = jnp.minimum(j * pages_per_block + jnp.arange(pages_per_block), P - 1)
         pages = page_indices[seq_row[:, None] + page_ids[None, :]]  # i32[T, pages_per_block]
-        if layer is None:
-            kv = kv_cache[pages]
-        else:
-            kv = kv_cache[layer, pages]  # f[T, pages_per_block, page_size, 2K, H]
-        kv = kv.reshape(T, block, 2 * K, H).astype(jnp.float32)
+        kv = read_pages(kv_cache, pages, layer)  # f32[T, pages_per_block, page_size, 2K, H]
+        kv = kv.reshape(T, block, 2 * K, H)
         kk, vv = kv[:, :, :K], kv[:, :, K:]  # f32[T, block, K, H]
         kv_pos = j * block + jnp.arange(block)  # i32[block]
         mask = ((kv_pos[None, :] <= pos[:, None])
