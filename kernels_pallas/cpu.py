@@ -34,6 +34,7 @@ _TARGETS = {"float32": ("jaxserve_paged_attention_f32", "JaxservePagedAttentionF
 # kernel never relies on inf or NaN (masked positions are never computed).
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 DEFAULT_PAGE_SIZE = 16
+QUANTIZED_KV = False  # reads int8/fp8 caches
 
 
 def _cache_dir() -> str:

@@ -21,6 +21,7 @@ from jaxserve.kernels_pallas.quant import QuantizedKVCache, dequantize, is_quant
 # NOTE: tokens of context processed per loop iteration of the reference; a multiple of pages.
 _BLOCK_TOKENS = 128
 DEFAULT_PAGE_SIZE = 16
+QUANTIZED_KV = True  # reads int8/fp8 caches
 
 
 def init_kv_cache(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype,

@@ -18,6 +18,11 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": jnp.float32, "float": jnp.float32, "bfloat16": jnp.bfloat16,
            "float16": jnp.float16, "half": jnp.float16}
+# --kv-cache-dtype: the float formats, and the quantised ones (values with a scale per token and
+# head, computed as K/V are written; see kernels_pallas/quant.py).
+KV_CACHE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+                   "int8": jnp.int8, "fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn,
+                   "fp8_e5m2": jnp.float8_e5m2}
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class EngineArgs:
     structured_outputs_config: dict[str, Any] | None = None
     # Cache.
     block_size: int | None = None
-    kv_cache_dtype: str = "auto"  # auto (the model's dtype), float32, bfloat16
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype), or a key of KV_CACHE_DTYPES
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -64,7 +69,8 @@ class EngineArgs:
     max_num_partial_prefills: int = 1
     max_long_partial_prefills: int = 1
     scheduling_policy: str = "fcfs"
-    attention_backend: str | None = None  # None: cpu kernel on CPU (float32), else ref
+    # None: the platform's kernel (tpu, gpu; on CPU the cpu kernel for float caches, else ref).
+    attention_backend: str | None = None
     # Compilation.
     enforce_eager: bool = False
     compilation_cache_dir: str | None = None
@@ -79,9 +85,9 @@ class EngineArgs:
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"--dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not implemented yet; "
-                             "use auto, float32 or bfloat16")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not implemented; use "
+                             f"auto or one of {sorted(KV_CACHE_DTYPES)}")
         if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
             raise ValueError(f"--max-logprobs must be in [0, {MAX_LOGPROBS}] (the compiled sampler "
                              f"returns at most {MAX_LOGPROBS}), got {self.max_logprobs}")
@@ -115,20 +121,34 @@ class EngineArgs:
         """`--kv-cache-dtype`: auto is the compute dtype."""
         if self.kv_cache_dtype == "auto":
             return dtype
-        return _DTYPES[self.kv_cache_dtype]
+        return KV_CACHE_DTYPES[self.kv_cache_dtype]
 
-    def resolve_attention_backend(self, dtype) -> str:
-        """`--attention-backend`, or the fastest available for the platform and dtype."""
-        from jaxserve.kernels_pallas import BACKENDS, cpu
+    def resolve_attention_backend(self, dtype, kv_dtype=None) -> str:
+        """`--attention-backend`, or the platform's kernel where it serves these dtypes."""
+        from jaxserve.kernels_pallas import BACKENDS, cpu, default_backend
 
+        kv_dtype = jnp.dtype(kv_dtype or dtype)
+        quantized = kv_dtype.itemsize == 1
         if self.attention_backend is not None:
             if self.attention_backend not in BACKENDS:
                 raise ValueError(f"--attention-backend must be one of {BACKENDS}, got "
                                  f"{self.attention_backend!r}")
+            if quantized and not _reads_quantized(self.attention_backend):
+                raise ValueError(f"--attention-backend {self.attention_backend} does not read a "
+                                 f"{kv_dtype.name} KV cache (--kv-cache-dtype); backends that do: "
+                                 f"{[b for b in BACKENDS if _reads_quantized(b)]}")
             return self.attention_backend
-        if jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and cpu.available():
+        backend = default_backend()
+        if backend == "cpu":
+            if jnp.dtype(dtype) != jnp.float32 or kv_dtype.name not in ("float32", "bfloat16") \
+                    or not cpu.available():
+                return "ref"
             return "cpu"
-        return "ref"
+        if quantized and not _reads_quantized(backend):
+            logger.warning("the %s attention kernel does not read a %s KV cache; attention runs "
+                           "on the ref backend (slower)", backend, kv_dtype.name)
+            return "ref"
+        return backend
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         on_cpu = jax.default_backend() == "cpu"
@@ -145,9 +165,11 @@ class EngineArgs:
             max_long_partial_prefills=self.max_long_partial_prefills,
             policy=self.scheduling_policy)
 
-    def cache_config(self) -> CacheConfig:
+    def cache_config(self, attention_backend: str = "ref") -> CacheConfig:
+        from jaxserve.kernels_pallas import default_page_size
+
         return CacheConfig(
-            block_size=self.block_size or 16,
+            block_size=self.block_size or default_page_size(attention_backend),
             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
             num_gpu_blocks_override=self.num_gpu_blocks_override,
             gpu_memory_utilization=self.gpu_memory_utilization,
@@ -173,3 +195,10 @@ def _check_structured_outputs_config(cfg: dict[str, Any]) -> None:
     if cfg.get("enable_in_reasoning"):
         raise ValueError("--structured-outputs-config enable_in_reasoning=true is not "
                          "implemented yet")
+
+
+def _reads_quantized(backend: str) -> bool:
+    """Whether an attention backend reads int8/fp8 KV caches (its module's `QUANTIZED_KV`)."""
+    from jaxserve.kernels_pallas import backend_module
+
+    return getattr(backend_module(backend), "QUANTIZED_KV", False)

@@ -69,13 +69,14 @@ class LLMEngine:
         self.chat_template = _read_chat_template(args.chat_template) or source.chat_template()
         self.dtype = args.resolve_dtype(cfg)
         self.scheduler_config = args.scheduler_config(max_model_len)
-        self.cache_config = args.cache_config()
-        self.attention_backend = args.resolve_attention_backend(self.dtype)
-        logger.info("dtype %s, attention backend %s", jnp.dtype(self.dtype).name,
-                    self.attention_backend)
+        kv_dtype = args.resolve_kv_cache_dtype(self.dtype)
+        self.attention_backend = args.resolve_attention_backend(self.dtype, kv_dtype)
+        self.cache_config = args.cache_config(self.attention_backend)
+        logger.info("dtype %s, KV cache %s, attention backend %s", jnp.dtype(self.dtype).name,
+                    jnp.dtype(kv_dtype).name, self.attention_backend)
         self.runner = ModelRunner(cfg, self.cache_config, self.scheduler_config, self.dtype,
                                   enforce_eager=args.enforce_eager,
-                                  kv_cache_dtype=args.resolve_kv_cache_dtype(self.dtype),
+                                  kv_cache_dtype=kv_dtype,
                                   compile_sizes=args.compile_sizes,
                                   executable_cache_dir=os.path.join(cache_dir, "executables"),
                                   cache_key={"attention_backend": self.attention_backend})

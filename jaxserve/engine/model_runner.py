@@ -28,6 +28,7 @@ from jaxserve.engine.sampler import SamplerOutput, SamplingMetadata, compute_log
 from jaxserve.engine.sampling_metadata import build_sampling_metadata
 from jaxserve.engine.scheduler import SchedulerOutput
 from jaxserve.kernels_pallas import init_kv_cache
+from jaxserve.kernels_pallas.quant import kv_bytes_per_token_head
 from jaxserve.models.layers import AttentionMetadata
 from jaxserve.sampling_params import MAX_LOGPROBS
 
@@ -71,7 +72,8 @@ def token_buckets(max_tokens: int, min_bucket: int,
 
 
 def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype) -> int:
-    return cfg.num_layers * page_size * 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+    per_token_head = kv_bytes_per_token_head(cfg.head_dim, dtype)
+    return cfg.num_layers * page_size * 2 * cfg.num_kv_heads * per_token_head
 
 
 def num_kv_pages(cfg: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, dtype) -> int:
@@ -129,9 +131,9 @@ class ModelRunner:
         # NOTE: zeroing a multi-GiB cache takes seconds on CPU; it runs on a background thread
         # (XLA releases the GIL) while the weights load, and `attach` waits for it.
         self._kv_future = self._pool.submit(
-            lambda: init_kv_cache(self.num_pages, self.page_size, model_config.num_kv_heads,
-                                  model_config.head_dim, kv_dtype,
-                                  num_layers=model_config.num_layers).block_until_ready())
+            lambda: jax.block_until_ready(init_kv_cache(
+                self.num_pages, self.page_size, model_config.num_kv_heads, model_config.head_dim,
+                kv_dtype, num_layers=model_config.num_layers)))
         self.num_steps = 0
         self.num_loaded = 0  # executables loaded from the executable cache at start-up
 

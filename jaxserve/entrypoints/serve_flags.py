@@ -344,12 +344,14 @@ GROUPS: tuple[tuple[str, str, tuple[Flag, ...]], ...] = (
           "cache", float, 0.9),
         F(ENGINE, "--kv-cache-memory-bytes", "KV cache size in bytes (4G, ...); overrides "
           "--gpu-memory-utilization", human_int),
-        F(ENGINE, "--kv-cache-dtype", "auto (the model's), bfloat16 or float32", default="auto"),
+        F(ENGINE, "--kv-cache-dtype", "auto (the model's), float32, bfloat16, float16, or "
+          "quantised: int8, fp8 (= fp8_e4m3), fp8_e5m2", default="auto"),
         F(ENGINE, "--num-gpu-blocks-override", "number of KV pages", int),
         F(ENGINE, "--enable-prefix-caching", "reuse KV pages of shared prefixes", SWITCH, True),
         F(ENGINE, "--prefix-caching-hash-algo", "hash of page contents", default="sha256"),
         F(WARN, "--swap-space", "preemption recomputes; nothing is swapped", float, 4.0),
-        F(REFUSE, "--calculate-kv-scales", "fp8 KV cache", SWITCH),
+        F(WARN, "--calculate-kv-scales", "int8/fp8 KV caches always compute a scale per token "
+          "and head as they write", SWITCH),
         F(REFUSE, "--kv-cache-dtype-skip-layers", "KV cache quantization", nargs="+"),
         F(WARN, "--kv-sharing-fast-prefill", "unfinished in vLLM too; no effect", SWITCH),
         F(WARN, "--mamba-cache-dtype", "no Mamba models in jaxserve", default="auto"),
