@@ -1,4 +1,4 @@
-"""Quantised KV caches: int8 or float8 (e4m3) values with one float32 scale per token and head.
+"""Quantised KV caches: int8 or float8 (e4m3, e5m2) values with one float32 scale per token and head.
 
 `--kv-cache-dtype int8 | fp8` halves (bfloat16 models) or quarters (float32 models) the KV
 cache's memory. Scales are computed as the K/V are written (absolute maximum of each token's head
@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-QUANTIZED_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+QUANTIZED_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 
 
 class QuantizedKVCache(NamedTuple):
