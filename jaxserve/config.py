@@ -26,7 +26,8 @@ class RopeScaling:
 class ModelConfig:
     """What the model code needs to know about an architecture, with one letter per axis.
 
-    D model width, F MLP width, N query heads, K KV heads, H head dim, V vocabulary, L layers.
+    D model width, F MLP width, N query heads, K KV heads, H head dim, V vocabulary, L layers,
+    E experts.
     """
 
     architecture: str
@@ -51,6 +52,13 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    # Sparse mixture of experts (Mixtral, Qwen3-MoE); dense models have no experts.
+    num_experts: int = 0  # E
+    num_experts_per_tok: int = 0  # experts each token is routed to (top k)
+    moe_intermediate_size: int = 0  # F of one expert
+    norm_topk_prob: bool = True  # rescale the top k routing weights to sum to 1
+    # Per layer: True where the feed-forward is the sparse MoE block, False for the dense MLP.
+    moe_layers: tuple[bool, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # The checkpoint's own dtype name ("float32", "bfloat16", ...), used by `--dtype auto`.
@@ -67,6 +75,18 @@ class ModelConfig:
                              f"supported: {_ROPE_TYPES}")
         if len(self.sliding_windows) != self.num_layers:
             object.__setattr__(self, "sliding_windows", (0,) * self.num_layers)
+        if not self.moe_layers:
+            object.__setattr__(self, "moe_layers", (self.num_experts > 0,) * self.num_layers)
+        if len(self.moe_layers) != self.num_layers:
+            raise ValueError(f"moe_layers needs one entry per layer, got {len(self.moe_layers)=}, "
+                             f"{self.num_layers=}")
+        if any(self.moe_layers):
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"num_experts_per_tok must be in [1, num_experts], got "
+                                 f"{self.num_experts_per_tok=}, {self.num_experts=}")
+            if self.moe_intermediate_size < 1:
+                raise ValueError(f"MoE layers need moe_intermediate_size >= 1, got "
+                                 f"{self.moe_intermediate_size=}")
 
     @property
     def sm_scale(self) -> float:
@@ -114,7 +134,7 @@ class ModelConfig:
 
         window = d.get("sliding_window") or 0
         layer_types = d.get("layer_types")
-        if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3", "qwen3_moe") and not d.get("use_sliding_window", False):
             windows = (0,) * num_layers
         elif layer_types:
             windows = tuple(window if t == "sliding_attention" else 0 for t in layer_types)
@@ -125,6 +145,14 @@ class ModelConfig:
             windows = tuple(window if i >= max_window_layers else 0 for i in range(num_layers))
         else:
             windows = (window,) * num_layers
+
+        # Mixtral names its expert count `num_local_experts` and always renormalises the top k;
+        # Qwen3-MoE renormalises only under `norm_topk_prob` and may keep some layers dense.
+        num_experts = d.get("num_local_experts") or d.get("num_experts") or 0
+        sparse_step = d.get("decoder_sparse_step") or 1
+        dense_layers = set(d.get("mlp_only_layers") or ())
+        moe_layers = tuple(num_experts > 0 and i not in dense_layers and (i + 1) % sparse_step == 0
+                           for i in range(num_layers))
 
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
@@ -144,12 +172,18 @@ class ModelConfig:
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             hidden_act=_ACTIVATIONS[act],
             sliding_windows=windows,
             query_pre_attn_scalar=d.get("query_pre_attn_scalar") if model_type == "gemma2" else None,
             attn_logit_softcap=d.get("attn_logit_softcapping"),
             final_logit_softcap=d.get("final_logit_softcapping"),
+            num_experts=num_experts,
+            num_experts_per_tok=(d.get("num_experts_per_tok") or 0) if num_experts else 0,
+            moe_intermediate_size=(d.get("moe_intermediate_size") or d["intermediate_size"]
+                                   if num_experts else 0),
+            norm_topk_prob=model_type == "mixtral" or bool(d.get("norm_topk_prob", False)),
+            moe_layers=moe_layers,
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             checkpoint_dtype=str(dtype).replace("torch.", ""),

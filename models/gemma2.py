@@ -12,7 +12,7 @@ from jaxserve.models.llama import LlamaForCausalLM, LlamaModel
 
 
 class Gemma2DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs):
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)

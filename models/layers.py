@@ -28,7 +28,7 @@ class AttentionMetadata(NamedTuple):
     distribution: jax.Array  # i32[3] cumulative counts: decode, chunked prefill, mixed
 
 
-def _init(rngs: nnx.Rngs, shape, dtype, std: float = 0.02):
+def normal_init(rngs: nnx.Rngs, shape, dtype, std: float = 0.02):
     return jax.random.normal(rngs.params(), shape, dtype) * std
 
 
@@ -36,7 +36,7 @@ class Linear(nnx.Module):
     """y = x @ kernel (+ bias). `kernel f[in, out]` is HF's `weight` transposed."""
 
     def __init__(self, din: int, dout: int, *, bias: bool, dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_init(rngs, (din, dout), dtype))
+        self.kernel = nnx.Param(normal_init(rngs, (din, dout), dtype))
         self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
 
     def __call__(self, x):
@@ -48,7 +48,7 @@ class Linear(nnx.Module):
 
 class Embedding(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs):
-        self.weight = nnx.Param(_init(rngs, (vocab, dim), dtype))  # f[V, D]
+        self.weight = nnx.Param(normal_init(rngs, (vocab, dim), dtype))  # f[V, D]
 
     def __call__(self, ids):
         return jnp.take(self.weight[...], ids, axis=0)

@@ -1,7 +1,9 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): pre-norm blocks, RoPE, GQA, SwiGLU.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE): pre-norm blocks, RoPE,
+GQA, SwiGLU.
 
 The members differ only in what `ModelConfig` records: qkv bias (Qwen2), q/k norm (Qwen3),
-sliding windows (Mistral, Qwen2 with `use_sliding_window`), rope scaling (Llama 3).
+sliding windows (Mistral, Qwen2 with `use_sliding_window`), rope scaling (Llama 3), and a sparse
+mixture of experts in place of the MLP on the layers `moe_layers` marks (Mixtral, Qwen3-MoE).
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from flax import nnx
 from jaxserve.config import ModelConfig
 from jaxserve.models.layers import (MLP, Attention, AttentionMetadata, Embedding, LayerContext,
                                     Linear, RMSNorm, rope_cos_sin, rope_inv_freq, run_layers)
+from jaxserve.models.moe import SparseMoeBlock
 
 
 class LlamaDecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs):
         self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        mlp_cls = SparseMoeBlock if cfg.moe_layers[layer_idx] else MLP
+        self.mlp = mlp_cls(cfg, dtype=dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
@@ -36,8 +40,8 @@ class LlamaModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_backend: str):
         self.attention_backend = nnx.static(attention_backend)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([self.layer_cls(cfg, dtype=dtype, rngs=rngs)
-                                for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([self.layer_cls(cfg, idx, dtype=dtype, rngs=rngs)
+                                for idx in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype,
                             plus_one=self.norm_plus_one)
         self.inv_freq = nnx.static(tuple(float(f) for f in rope_inv_freq(cfg)))

@@ -2,8 +2,9 @@
 
 `resolve_model` turns what the user typed (`--model`) into a `ModelSource`: an HF folder (config.json
 and safetensors or .bin files) or a GGUF file. `ModelSource.iter_tensors` yields `(name, array)` pairs
-with exactly the names and `[out, in]` layouts that `transformers` uses in its state_dict, so the
-model code maps one naming only. Nothing here downloads silently: hub ids are looked up in
+with the names and `[out, in]` layouts of HF checkpoints; `models/weights.py` holds the one table
+from those names to the model's parameters (MoE experts come one tensor per expert, or fused as in
+`transformers`' own state dict). Nothing here downloads silently: hub ids are looked up in
 `download_dir` and the local HF cache, and fetched only when `HF_HUB_OFFLINE` is unset (with a log
 line saying so). Torch is needed only for `.bin` checkpoints; transformers only for tokenizers and
 for the HF config of a GGUF file.

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import jax.numpy as jnp
 
 from jaxserve.config import ModelConfig
-from jaxserve.kernels_pallas import init_kv_cache
-from jaxserve.models.layers import AttentionMetadata
 from jaxserve.models.registry import get_model_class
 from jaxserve.models.weights import abstract_model, load_params
-from tiny_models import ARCHITECTURES, hf_state_items, random_prompts, tiny_hf_model
+from tiny_models import (ARCHITECTURES, hf_logits, hf_state_items, jax_logits, random_prompts,
+                         tiny_hf_model)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -24,18 +22,8 @@ def test_logits_match_transformers(arch):
     load_params(model, hf_state_items(hf), jnp.float32)
     # Two uneven prompts in one ragged stream, both longer than the 8-token sliding window.
     prompts = random_prompts(0, [13, 21])
-    page_size, P = 4, 8
-    cache = init_kv_cache(2 * P, page_size, cfg.num_kv_heads, cfg.head_dim, jnp.float32,
-                          num_layers=cfg.num_layers)
-    ids = np.concatenate(prompts).astype(np.int32)
-    pos = np.concatenate([np.arange(len(p)) for p in prompts]).astype(np.int32)
-    md = AttentionMetadata(jnp.array([13, 21], jnp.int32), jnp.arange(2 * P, dtype=jnp.int32),
-                           jnp.array([0, 13, 34], jnp.int32), jnp.array([0, 0, 2], jnp.int32))
-    _, h = model(jnp.asarray(ids), jnp.asarray(pos), cache, md)
-    logits = np.asarray(model.compute_logits(h))
-    with torch.no_grad():
-        want = np.concatenate([hf(torch.tensor([p])).logits[0].numpy() for p in prompts])
-    np.testing.assert_allclose(logits, want, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(jax_logits(model, prompts), hf_logits(hf, prompts), atol=2e-5,
+                               rtol=1e-4)
 
 
 def test_config_normalisation():
