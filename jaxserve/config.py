@@ -59,6 +59,11 @@ class ModelConfig:
     norm_topk_prob: bool = True  # rescale the top k routing weights to sum to 1
     # Per layer: True where the feed-forward is the sparse MoE block, False for the dense MLP.
     moe_layers: tuple[bool, ...] = ()
+    # How the model is laid out on a mesh (sharding/rules.py `TPLayout`): the vocabulary padded
+    # to a multiple of the tensor-parallel size (0: not padded), experts split whole over the
+    # model axis (expert parallelism) rather than each expert's hidden size.
+    padded_vocab_size: int = 0
+    expert_parallel: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # The checkpoint's own dtype name ("float32", "bfloat16", ...), used by `--dtype auto`.
@@ -188,6 +193,11 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             checkpoint_dtype=str(dtype).replace("torch.", ""),
         )
+
+    @property
+    def vocab_rows(self) -> int:
+        """Rows of the embedding and columns of lm_head: the vocabulary, padded for tp."""
+        return self.padded_vocab_size or self.vocab_size
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

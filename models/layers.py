@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.kernels_pallas import ragged_paged_attention
+from jaxserve.sharding.attention import attention
 
 
 class AttentionMetadata(NamedTuple):
@@ -166,7 +166,7 @@ class Attention(nnx.Module):
         q = apply_rope(q, ctx.cos, ctx.sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
         md = ctx.md
-        out, kv_cache = ragged_paged_attention(
+        out, kv_cache = attention(
             q, k, v, kv_cache, md.kv_lens, md.page_indices, md.cu_q_lens, md.distribution,
             sm_scale=self.sm_scale, sliding_window=window or None, soft_cap=self.soft_cap,
             backend=ctx.backend, layer=layer)

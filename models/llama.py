@@ -39,7 +39,7 @@ class LlamaModel(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_backend: str):
         self.attention_backend = nnx.static(attention_backend)
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.embed_tokens = Embedding(cfg.vocab_rows, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([self.layer_cls(cfg, idx, dtype=dtype, rngs=rngs)
                                 for idx in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype,
@@ -71,7 +71,7 @@ class LlamaForCausalLM(nnx.Module):
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype,
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_rows, bias=False, dtype=dtype,
                                   rngs=rngs)
 
     def __call__(self, token_ids, positions, kv_cache, md: AttentionMetadata):
@@ -85,7 +85,7 @@ class LlamaForCausalLM(nnx.Module):
             logits = self.model.embed_tokens.attend(h)
         else:
             logits = self.lm_head(h)
-        logits = logits.astype(jnp.float32)
+        logits = logits[:, :self.config.vocab_size].astype(jnp.float32)  # drop tp's padding
         cap = self.config.final_logit_softcap
         if cap:
             logits = jnp.tanh(logits / cap) * cap

@@ -14,8 +14,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax.sharding import PartitionSpec as P
+
 from jaxserve.config import ModelConfig
 from jaxserve.models.layers import Linear, activation, normal_init
+from jaxserve.sharding.attention import model_axis_size
+from jaxserve.sharding.mesh import MODEL, ParallelConfig
+from jaxserve.sharding.placement import dotted, key_path
+from jaxserve.sharding.rules import param_spec
 
 
 class Routing(NamedTuple):
@@ -74,6 +80,7 @@ class SparseMoeBlock(nnx.Module):
         self.num_experts = cfg.num_experts
         self.top_k = cfg.num_experts_per_tok
         self.renormalize = cfg.norm_topk_prob
+        self.expert_parallel = cfg.expert_parallel
 
     def __call__(self, x):  # f[T, D] -> f[T, D]
         T, D = x.shape
@@ -83,10 +90,41 @@ class SparseMoeBlock(nnx.Module):
         flat = experts.reshape(T * k)  # i32[A]
         order = jnp.argsort(flat, stable=True)  # i32[A] assignment at each sorted row
         group_sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)  # i32[E]
-        y = self.experts(x[order // k], group_sizes)  # f[A, D] in sorted order
+        y = self._run_experts(x[order // k], group_sizes)  # f[A, D] in sorted order
         # NOTE: the outputs go back to (token, choice) order through the inverse permutation and
         # are summed over the k choices in a fixed order: a gather instead of a scatter-add, so
         # the sum does not depend on the order in which atomics land.
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(T * k, dtype=order.dtype))
         y = y[inverse].reshape(T, k, D).astype(jnp.float32)
         return jnp.einsum("tkd,tk->td", y, weights).astype(x.dtype)
+
+    def _run_experts(self, xs, group_sizes):
+        """The grouped SwiGLU on rows sorted by expert; over the mesh's model axis when there is
+        one. Tensor parallel: every shard runs every expert on its slice of the hidden size.
+        Expert parallel: every shard runs its own experts on their rows only. Either way the
+        shards' partial outputs add up (one all-reduce)."""
+        tp = model_axis_size()
+        if tp == 1:
+            return self.experts(xs, group_sizes)
+        graphdef, state = nnx.split(self.experts)
+        parallel = ParallelConfig(model=tp, expert_parallel=self.expert_parallel)
+        specs = jax.tree_util.tree_map_with_path(
+            lambda path, _: param_spec(dotted(("experts", *key_path(path))), parallel), state)
+        local_experts = self.num_experts // tp
+
+        def shard(state, xs, group_sizes):
+            experts = nnx.merge(graphdef, state)
+            if not self.expert_parallel:
+                return jax.lax.psum(experts(xs, group_sizes), MODEL)
+            # This shard's experts own a contiguous run of the sorted rows: rotate it to the
+            # front, run the local groups, zero the rest, rotate back.
+            first = jax.lax.axis_index(MODEL) * local_experts
+            local_sizes = jax.lax.dynamic_slice_in_dim(group_sizes, first, local_experts)
+            start = jnp.sum(jnp.where(jnp.arange(self.num_experts) < first, group_sizes, 0))
+            rows = jnp.arange(xs.shape[0])
+            y = experts(jnp.roll(xs, -start, axis=0), local_sizes)
+            y = jnp.where((rows < jnp.sum(local_sizes))[:, None], y, 0)
+            return jax.lax.psum(jnp.roll(y, start, axis=0), MODEL)
+
+        return jax.shard_map(shard, in_specs=(specs, P(), P()), out_specs=P(),
+                             check_vma=False)(state, xs, group_sizes)

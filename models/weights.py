@@ -8,6 +8,7 @@ state dict); every other tensor keeps its name and layout.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable
@@ -20,6 +21,7 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.models.registry import get_model_class
+from jaxserve.sharding.placement import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +101,10 @@ def abstract_model(cfg: ModelConfig, dtype, attention_backend: str = "ref") -> n
                                       attention_backend=attention_backend))
 
 
-def load_params(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], dtype) -> None:
-    """Fill `model` (abstract or concrete) with HF-named tensors, in place."""
+def load_params(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], dtype,
+                placement: Placement | None = None) -> None:
+    """Fill `model` (abstract or concrete) with HF-named tensors, in place; with a `placement`,
+    each parameter goes straight into its sharding over the mesh."""
     cfg: ModelConfig = model.config
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     loaded: set[tuple] = set()
@@ -108,7 +112,10 @@ def load_params(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], dt
     stacking: dict[tuple, tuple[np.ndarray, set[int]]] = {}
 
     def put(path: tuple, value: np.ndarray) -> None:
-        flat[path].set_value(jnp.asarray(value, dtype=dtype))
+        if placement is None:
+            flat[path].set_value(jnp.asarray(value, dtype=dtype))
+        else:
+            flat[path].set_value(placement.put(path, value, dtype))
         loaded.add(path)
 
     for name, array in tensors:
@@ -121,6 +128,8 @@ def load_params(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], dt
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {cfg.architecture} "
                                  f"(looked for {'.'.join(map(str, t.path))})")
             value = _to_ours(np.asarray(array), t)
+            if placement is not None:
+                value = placement.adapt(t.path, value, cfg.head_dim)
             want = tuple(flat[t.path].shape)
             if t.layout == EXPERT:
                 if not 0 <= t.expert < want[0] or value.shape != want[1:]:
@@ -144,19 +153,26 @@ def load_params(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], dt
     nnx.update(model, nnx.from_flat_state(flat))
 
 
-def dummy_params(model: nnx.Module, seed: int = 0) -> None:
-    """Random weights of the right shapes (`--load-format dummy`), small enough to stay finite."""
+def dummy_params(model: nnx.Module, seed: int = 0, placement: Placement | None = None) -> None:
+    """Random weights of the right shapes (`--load-format dummy`), small enough to stay finite;
+    with a `placement`, each device generates only its own slice."""
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     key = jax.random.key(seed)
     for i, (path, var) in enumerate(sorted(flat.items())):
         shape, dtype = var.shape, var.dtype
         if str(path[-2]).endswith("norm"):
-            value = jnp.ones(shape, dtype) if not model.config.query_pre_attn_scalar else \
-                jnp.zeros(shape, dtype)
+            fill = 0.0 if model.config.query_pre_attn_scalar else 1.0
+            make = functools.partial(jnp.full, shape, fill, dtype)
         elif path[-1] == "bias":
-            value = jnp.zeros(shape, dtype)
+            make = functools.partial(jnp.zeros, shape, dtype)
         else:
-            value = (jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
-                     * 0.02).astype(dtype)
-        var.set_value(value)
+            make = functools.partial(_normal, jax.random.fold_in(key, i), shape, dtype)
+        if placement is None:
+            var.set_value(make())
+        else:
+            var.set_value(jax.jit(make, out_shardings=placement.sharding(path))())
     nnx.update(model, nnx.from_flat_state(flat))
+
+
+def _normal(key, shape, dtype):
+    return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)

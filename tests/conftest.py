@@ -10,6 +10,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Eight CPU devices, for the multi-device tests (tests/test_parallel.py); everything else runs on
+# the first. Set before anything imports jax.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+
 # A private compile cache per test session keeps runs independent of the user's cache.
 os.environ.setdefault("JAXSERVE_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "xla"))

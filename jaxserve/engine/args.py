@@ -76,7 +76,7 @@ class EngineArgs:
     compilation_cache_dir: str | None = None
     # Token-count buckets to compile (vLLM's cudagraph capture sizes); None: powers of two.
     compile_sizes: tuple[int, ...] | None = None
-    # Parallelism (single device for now; the parallelism issue maps these onto a mesh).
+    # Parallelism: the device mesh (sharding/mesh.py).
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -100,11 +100,23 @@ class EngineArgs:
             raise ValueError(f"--generation-config must be auto, vllm or a folder, got "
                              f"{self.generation_config!r}")
         _check_structured_outputs_config(self.structured_outputs_config or {})
-        parallel = (self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size)
-        if parallel != (1, 1, 1) or self.enable_expert_parallel:
-            raise ValueError("tensor/pipeline/data/expert parallelism is not implemented yet; "
-                             "run with --tensor-parallel-size 1 --pipeline-parallel-size 1 "
-                             "--data-parallel-size 1")
+        for flag, size in (("--tensor-parallel-size", self.tensor_parallel_size),
+                           ("--pipeline-parallel-size", self.pipeline_parallel_size),
+                           ("--data-parallel-size", self.data_parallel_size)):
+            if size < 1:
+                raise ValueError(f"{flag} must be >= 1, got {size}")
+        if self.pipeline_parallel_size > 1:
+            raise ValueError("--pipeline-parallel-size > 1 is not implemented yet; use "
+                             "--tensor-parallel-size to spread a model over devices")
+        if self.data_parallel_size > 1:
+            raise ValueError("--data-parallel-size > 1 is not implemented yet")
+
+    def parallel_config(self):
+        from jaxserve.sharding.mesh import ParallelConfig
+
+        return ParallelConfig(data=self.data_parallel_size, pipe=self.pipeline_parallel_size,
+                              model=self.tensor_parallel_size,
+                              expert_parallel=self.enable_expert_parallel)
 
     def replace(self, **changes: Any) -> EngineArgs:
         return dataclasses.replace(self, **changes)

@@ -21,6 +21,7 @@ from jaxserve.engine.sequence import FinishReason, Sequence
 from jaxserve.engine.stats import StatLogger
 from jaxserve.metrics import Metrics
 from jaxserve.models.loader import load_model
+from jaxserve.sharding.placement import Placement
 from jaxserve.models.source import resolve_model
 from jaxserve.outputs import RequestMetrics, RequestOutput
 from jaxserve.request_state import RequestState
@@ -74,15 +75,25 @@ class LLMEngine:
         self.cache_config = args.cache_config(self.attention_backend)
         logger.info("dtype %s, KV cache %s, attention backend %s", jnp.dtype(self.dtype).name,
                     jnp.dtype(kv_dtype).name, self.attention_backend)
-        self.runner = ModelRunner(cfg, self.cache_config, self.scheduler_config, self.dtype,
-                                  enforce_eager=args.enforce_eager,
+        parallel = args.parallel_config()
+        self.placement = None
+        model_cfg = cfg  # the config of the model as built on the devices
+        if not parallel.is_single_device or parallel.expert_parallel:
+            self.placement = Placement.create(cfg, parallel)
+            model_cfg = self.placement.model_config(cfg)
+            logger.info("device mesh %s over %s devices; %s", dict(self.placement.mesh.shape),
+                        jax.devices()[0].platform, self.placement.layout)
+        self.runner = ModelRunner(model_cfg, self.cache_config, self.scheduler_config,
+                                  self.dtype, enforce_eager=args.enforce_eager,
                                   kv_cache_dtype=kv_dtype,
                                   compile_sizes=args.compile_sizes,
                                   executable_cache_dir=os.path.join(cache_dir, "executables"),
-                                  cache_key={"attention_backend": self.attention_backend})
+                                  cache_key={"attention_backend": self.attention_backend},
+                                  mesh=self.placement.mesh if self.placement else None)
         self.runner.prefetch_executables()
-        self.runner.attach(load_model(source, cfg, self.dtype, args.load_format, args.seed,
-                                      attention_backend=self.attention_backend))
+        self.runner.attach(load_model(source, model_cfg, self.dtype, args.load_format, args.seed,
+                                      attention_backend=self.attention_backend,
+                                      placement=self.placement))
         self.runner.compile_all()
         self.block_manager = BlockManager(self.runner.num_pages, self.cache_config.block_size,
                                           self.cache_config.enable_prefix_caching,

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig
@@ -30,6 +31,7 @@ from jaxserve.engine.scheduler import SchedulerOutput
 from jaxserve.kernels_pallas import init_kv_cache
 from jaxserve.kernels_pallas.quant import kv_bytes_per_token_head
 from jaxserve.models.layers import AttentionMetadata
+from jaxserve.sharding.attention import cache_spec
 from jaxserve.sampling_params import MAX_LOGPROBS
 
 logger = logging.getLogger(__name__)
@@ -99,8 +101,12 @@ class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
                  scheduler_config: SchedulerConfig, dtype, *, enforce_eager: bool = False,
                  kv_cache_dtype=None, compile_sizes: tuple[int, ...] | None = None,
-                 executable_cache_dir: str | None = None, cache_key: dict | None = None):
+                 executable_cache_dir: str | None = None, cache_key: dict | None = None,
+                 mesh: Mesh | None = None):
         self.cfg = model_config
+        # NOTE: the mesh the step runs on (None: one device). Tracing happens under it, so that
+        # attention splits over its model axis (sharding/attention.py).
+        self.mesh = mesh
         self.page_size = cache_config.block_size
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_model_len = scheduler_config.max_model_len
@@ -119,6 +125,7 @@ class ModelRunner:
                 "kv_dtype": jnp.dtype(kv_dtype).name, "num_pages": self.num_pages,
                 "page_size": self.page_size, "max_num_seqs": self.max_num_seqs,
                 "max_model_len": self.max_model_len, "buckets": tuple(self.buckets),
+                "mesh": dict(mesh.shape) if mesh is not None else None,
             })
         self.kv_dtype = kv_dtype
         self._jit_forward = jax.jit(self._forward, donate_argnums=(1,))
@@ -130,12 +137,28 @@ class ModelRunner:
         self._loads: dict[str, Future] = {}  # executable name -> its load from the cache
         # NOTE: zeroing a multi-GiB cache takes seconds on CPU; it runs on a background thread
         # (XLA releases the GIL) while the weights load, and `attach` waits for it.
-        self._kv_future = self._pool.submit(
-            lambda: jax.block_until_ready(init_kv_cache(
-                self.num_pages, self.page_size, model_config.num_kv_heads, model_config.head_dim,
-                kv_dtype, num_layers=model_config.num_layers)))
+        self._kv_future = self._pool.submit(self._init_kv_cache)
         self.num_steps = 0
         self.num_loaded = 0  # executables loaded from the executable cache at start-up
+
+    def _init_kv_cache(self):
+        cfg = self.cfg
+
+        def init():
+            return init_kv_cache(self.num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim,
+                                 self.kv_dtype, num_layers=cfg.num_layers)
+
+        if self.mesh is None:
+            return jax.block_until_ready(init())
+        # Each device zeroes only its own KV heads.
+        spec = cache_spec(jax.eval_shape(init), stacked=True)
+        shardings = jax.tree.map(lambda p: NamedSharding(self.mesh, p), spec,
+                                 is_leaf=lambda x: isinstance(x, P))
+        return jax.block_until_ready(jax.jit(init, out_shardings=shardings)())
+
+    def _on_mesh(self):
+        """The context every trace of the step runs in: the mesh, when there is one."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def prefetch_executables(self) -> None:
         """Start loading cached executables on background threads (while the weights load)."""
@@ -163,6 +186,8 @@ class ModelRunner:
         model = nnx.merge(self.graphdef, state)
         kv_cache, h = model(inp.token_ids, inp.positions, kv_cache, inp.md)
         logits = model.compute_logits(h[inp.logits_indices])  # f32[S, V]
+        if self.mesh is not None:  # the sampler takes whole rows
+            logits = jax.lax.with_sharding_constraint(logits, P())
         T = inp.token_ids.shape[0]
 
         def prompt_lp():
@@ -233,12 +258,15 @@ class ModelRunner:
                     cache.folder if cache else "nowhere: the executable cache is off")
 
     def _lower(self, forward: bool, size: int):
-        if forward:
-            return self._jit_forward.lower(self.state, self.kv_cache, self._empty_input(size))
-        logits = jax.ShapeDtypeStruct((size, self.cfg.vocab_size), jnp.float32)
-        md = build_sampling_metadata([], size, self.eos_token_ids, self.max_model_len,
-                                     self.cfg.vocab_size)
-        return self._jit_sample.lower(logits, md)
+        with self._on_mesh():
+            if forward:
+                return self._jit_forward.lower(self.state, self.kv_cache, self._empty_input(size))
+            sharding = NamedSharding(self.mesh, P()) if self.mesh is not None else None
+            logits = jax.ShapeDtypeStruct((size, self.cfg.vocab_size), jnp.float32,
+                                          sharding=sharding)
+            md = build_sampling_metadata([], size, self.eos_token_ids, self.max_model_len,
+                                         self.cfg.vocab_size)
+            return self._jit_sample.lower(logits, md)
 
     @property
     def num_compiled(self) -> int:
@@ -296,8 +324,9 @@ class ModelRunner:
         """Run one scheduled step; returns the sampled tokens (and logprobs) on the host."""
         inp, sampling, T = self.prepare(out)
         forward = self._forward_exe.get(T, self._jit_forward)
-        self.kv_cache, logits, prompt = forward(self.state, self.kv_cache, inp)
-        sampled = self._sample_exe.get(self.rows_for(T), self._jit_sample)(logits, sampling)
+        with self._on_mesh():  # traces only under --enforce-eager
+            self.kv_cache, logits, prompt = forward(self.state, self.kv_cache, inp)
+            sampled = self._sample_exe.get(self.rows_for(T), self._jit_sample)(logits, sampling)
         self.num_steps += 1
         n = len(out.seqs)
         if bool(sampling.any_logprobs):

@@ -1,0 +1,71 @@
+"""Placing parameters on the mesh as they load: each device receives only its own slice, read
+from the host copy of the checkpoint tensor (memory-mapped for safetensors), so no device ever
+holds a whole sharded weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from jaxserve.config import ModelConfig
+from jaxserve.sharding.mesh import ParallelConfig, make_mesh
+from jaxserve.sharding.rules import TPLayout, param_spec
+
+
+def dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def key_path(path) -> tuple:
+    """A pytree key path into an nnx State as our parameter path (`('model', 'layers', 3, ...)`),
+    without the Variable's own `value` key."""
+    names = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+    return tuple(n for n in names if n is not None and n != "value")
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """The mesh, the parallel sizes, and the model layout they imply."""
+
+    mesh: Mesh
+    parallel: ParallelConfig
+    layout: TPLayout
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, parallel: ParallelConfig, devices=None) -> Placement:
+        return cls(make_mesh(parallel, devices), parallel, TPLayout.plan(cfg, parallel))
+
+    def model_config(self, cfg: ModelConfig) -> ModelConfig:
+        """The config to build the model from on this mesh."""
+        return self.layout.apply(cfg)
+
+    def sharding(self, path: tuple) -> NamedSharding:
+        return NamedSharding(self.mesh, param_spec(dotted(path), self.parallel))
+
+    def adapt(self, path: tuple, value: np.ndarray, head_dim: int) -> np.ndarray:
+        """A checkpoint tensor (in our layout) reshaped for the mesh: KV heads repeated when tp
+        exceeds them, the vocabulary padded to a multiple of tp."""
+        name = dotted(path)
+        r = self.layout.kv_head_replicas
+        if r > 1 and (name.endswith("k_proj.kernel") or name.endswith("v_proj.kernel")):
+            d = value.shape[0]
+            return np.repeat(value.reshape(d, -1, head_dim), r, axis=1).reshape(d, -1)
+        if r > 1 and (name.endswith("k_proj.bias") or name.endswith("v_proj.bias")):
+            return np.repeat(value.reshape(-1, head_dim), r, axis=0).reshape(-1)
+        rows = self.layout.padded_vocab_size
+        if rows and name.endswith("embed_tokens.weight"):
+            return np.pad(value, ((0, rows - value.shape[0]), (0, 0)))
+        if rows and name.endswith("lm_head.kernel"):
+            return np.pad(value, ((0, 0), (0, rows - value.shape[1])))
+        return value
+
+    def put(self, path: tuple, value: np.ndarray, dtype) -> jax.Array:
+        """The device array of parameter `path`, each device given its own slice only."""
+        np_dtype = jnp.dtype(dtype)
+        return jax.make_array_from_callback(
+            value.shape, self.sharding(path), lambda index: np.asarray(value[index], np_dtype))
