@@ -14,8 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.kernels_pallas import QuantizedKVCache, is_quantized_dtype, ragged_paged_attention
-from jaxserve.kernels_pallas.quant import dequantize, quantize
+from jaxserve.kernels_pallas import (QuantizedKVCache, is_quantized_dtype, quant,
+                                     ragged_paged_attention)
+
+# Jitted: one compile per shape, where eager dispatch compiled each op per shape (most of a
+# quantised test's time).
+quantize = jax.jit(quant.quantize, static_argnums=1)
+dequantize = jax.jit(quant.dequantize)
 
 # (q_lens, kv_lens) per sequence: kv_len counts the new tokens too; q_len 0 is an empty slot.
 CASES = {
