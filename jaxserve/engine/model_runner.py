@@ -95,6 +95,16 @@ def num_kv_pages(cfg: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, d
     return max(pages_per_seq, min(sched.max_num_seqs * pages_per_seq, (4 << 30) // per_page))
 
 
+class PendingStep(NamedTuple):
+    """A launched step's device outputs, not yet waited for."""
+
+    num_seqs: int
+    sampled: SamplerOutput  # device arrays, rows padded to the bucket
+    prompt: PromptLogprobs  # device arrays
+    any_logprobs: bool
+    want_prompt_logprobs: bool
+
+
 class ModelRunner:
     """Owns the device state (parameters, KV cache) and the compiled step for every bucket."""
 
@@ -320,22 +330,33 @@ class ModelRunner:
                            np.asarray(want_prompt_lp))
         return inp, sampling, T
 
-    def execute(self, out: SchedulerOutput) -> StepResult:
-        """Run one scheduled step; returns the sampled tokens (and logprobs) on the host."""
+    def launch(self, out: SchedulerOutput) -> PendingStep:
+        """Dispatch one scheduled step to the devices and return without waiting for it (JAX
+        runs it asynchronously), so that several runners (data-parallel replicas) can step at
+        once; `finish` collects the result."""
         inp, sampling, T = self.prepare(out)
         forward = self._forward_exe.get(T, self._jit_forward)
         with self._on_mesh():  # traces only under --enforce-eager
             self.kv_cache, logits, prompt = forward(self.state, self.kv_cache, inp)
             sampled = self._sample_exe.get(self.rows_for(T), self._jit_sample)(logits, sampling)
         self.num_steps += 1
-        n = len(out.seqs)
-        if bool(sampling.any_logprobs):
+        return PendingStep(len(out.seqs), sampled, prompt, bool(sampling.any_logprobs),
+                           bool(inp.want_prompt_logprobs))
+
+    def finish(self, pending: PendingStep) -> StepResult:
+        """Wait for a launched step; the sampled tokens (and logprobs) on the host."""
+        n, sampled = pending.num_seqs, pending.sampled
+        if pending.any_logprobs:
             sampled = SamplerOutput(*(x[:n] for x in jax.device_get(sampled)))
         else:  # the common case: only the token ids cross to the host
             ids = np.asarray(sampled.token_ids)[:n]
             sampled = SamplerOutput(ids, np.zeros(n, np.float32), np.zeros(n, np.int32),
                                     np.zeros((n, MAX_LOGPROBS), np.int32),
                                     np.zeros((n, MAX_LOGPROBS), np.float32))
-        prompt_np = (PromptLogprobs(*jax.device_get(prompt))
-                     if bool(inp.want_prompt_logprobs) else None)
+        prompt_np = (PromptLogprobs(*jax.device_get(pending.prompt))
+                     if pending.want_prompt_logprobs else None)
         return StepResult(sampled, prompt_np)
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Run one scheduled step; returns the sampled tokens (and logprobs) on the host."""
+        return self.finish(self.launch(out))
