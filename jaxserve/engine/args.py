@@ -108,8 +108,6 @@ class EngineArgs:
         if self.pipeline_parallel_size > 1:
             raise ValueError("--pipeline-parallel-size > 1 is not implemented yet; use "
                              "--tensor-parallel-size to spread a model over devices")
-        if self.data_parallel_size > 1:
-            raise ValueError("--data-parallel-size > 1 is not implemented yet")
 
     def parallel_config(self):
         from jaxserve.sharding.mesh import ParallelConfig
