@@ -13,8 +13,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxserve.config import ModelConfig
-from jaxserve.sharding.mesh import ParallelConfig, make_mesh
+from jaxserve.sharding.mesh import ParallelConfig, make_mesh, submesh
 from jaxserve.sharding.rules import TPLayout, param_spec
+from jaxserve.sharding.stages import stage_bounds, stage_of
 
 
 def dotted(path: tuple) -> str:
@@ -36,16 +37,27 @@ class Placement:
     parallel: ParallelConfig
     layout: TPLayout
 
+    # Pipeline stages' [start, end) layers; one stage without pipeline parallelism.
+    stages: tuple[tuple[int, int], ...] = ((0, 1 << 30),)
+
     @classmethod
     def create(cls, cfg: ModelConfig, parallel: ParallelConfig, devices=None) -> Placement:
-        return cls(make_mesh(parallel, devices), parallel, TPLayout.plan(cfg, parallel))
+        stages = tuple(stage_bounds(cfg.num_layers, parallel.pipe))
+        return cls(make_mesh(parallel, devices), parallel, TPLayout.plan(cfg, parallel), stages)
+
+    def stage_mesh(self, stage: int) -> Mesh:
+        """The devices of one pipeline stage (the whole mesh without pipeline parallelism)."""
+        return self.mesh if self.parallel.pipe == 1 else submesh(self.mesh, pipe=stage)
 
     def model_config(self, cfg: ModelConfig) -> ModelConfig:
         """The config to build the model from on this mesh."""
         return self.layout.apply(cfg)
 
     def sharding(self, path: tuple) -> NamedSharding:
-        return NamedSharding(self.mesh, param_spec(dotted(path), self.parallel))
+        """Where parameter `path` lives: its pipeline stage's devices, split by the rules."""
+        name = dotted(path)
+        return NamedSharding(self.stage_mesh(stage_of(name, list(self.stages))),
+                             param_spec(name, self.parallel))
 
     def adapt(self, path: tuple, value: np.ndarray, head_dim: int) -> np.ndarray:
         """A checkpoint tensor (in our layout) reshaped for the mesh: KV heads repeated when tp

@@ -27,11 +27,14 @@ from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from jaxserve.engine import executable_cache
 from jaxserve.engine.sampler import SamplerOutput, SamplingMetadata, compute_logprobs, sample
 from jaxserve.engine.sampling_metadata import build_sampling_metadata
+from jaxserve.engine.pipeline import Pipeline
 from jaxserve.engine.scheduler import SchedulerOutput
 from jaxserve.kernels_pallas import init_kv_cache
 from jaxserve.kernels_pallas.quant import kv_bytes_per_token_head
 from jaxserve.models.layers import AttentionMetadata
+
 from jaxserve.sharding.attention import cache_spec
+from jaxserve.sharding.placement import Placement
 from jaxserve.sampling_params import MAX_LOGPROBS
 
 logger = logging.getLogger(__name__)
@@ -112,8 +115,14 @@ class ModelRunner:
                  scheduler_config: SchedulerConfig, dtype, *, enforce_eager: bool = False,
                  kv_cache_dtype=None, compile_sizes: tuple[int, ...] | None = None,
                  executable_cache_dir: str | None = None, cache_key: dict | None = None,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, placement: Placement | None = None):
         self.cfg = model_config
+        # Pipeline parallelism: stages on their own devices (set up in `attach`).
+        self.placement = placement
+        self.pipeline: Pipeline | None = None
+        self.pp = placement.parallel.pipe if placement is not None else 1
+        if placement is not None:
+            mesh = placement.mesh
         # NOTE: the mesh the step runs on (None: one device). Tracing happens under it, so that
         # attention splits over its model axis (sharding/attention.py).
         self.mesh = mesh
@@ -129,7 +138,8 @@ class ModelRunner:
                                      compile_sizes)
         self.enforce_eager = enforce_eager
         self.executable_cache = None
-        if executable_cache_dir and executable_cache.enabled():
+        # NOTE: pipeline stages are several executables per bucket; they are not stored.
+        if executable_cache_dir and executable_cache.enabled() and self.pp == 1:
             self.executable_cache = executable_cache.ExecutableCache(executable_cache_dir, {
                 **(cache_key or {}), "model": repr(model_config), "dtype": jnp.dtype(dtype).name,
                 "kv_dtype": jnp.dtype(kv_dtype).name, "num_pages": self.num_pages,
@@ -160,11 +170,27 @@ class ModelRunner:
 
         if self.mesh is None:
             return jax.block_until_ready(init())
+        if self.pp > 1:  # one cache per stage, of its layers, on its devices
+            return jax.block_until_ready([self._init_stage_cache(s) for s in range(self.pp)])
         # Each device zeroes only its own KV heads.
         spec = cache_spec(jax.eval_shape(init), stacked=True)
         shardings = jax.tree.map(lambda p: NamedSharding(self.mesh, p), spec,
                                  is_leaf=lambda x: isinstance(x, P))
         return jax.block_until_ready(jax.jit(init, out_shardings=shardings)())
+
+    def _init_stage_cache(self, stage: int):
+        cfg = self.cfg
+        start, end = self.placement.stages[stage]
+
+        def init():
+            return init_kv_cache(self.num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim,
+                                 self.kv_dtype, num_layers=end - start)
+
+        spec = cache_spec(jax.eval_shape(init), stacked=True)
+        mesh = self.placement.stage_mesh(stage)
+        shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), spec,
+                                 is_leaf=lambda x: isinstance(x, P))
+        return jax.jit(init, out_shardings=shardings)()
 
     def _on_mesh(self):
         """The context every trace of the step runs in: the mesh, when there is one."""
@@ -181,6 +207,9 @@ class ModelRunner:
         cfg = self.cfg
         self.graphdef, self.state = nnx.split(model)
         self.kv_cache = self._kv_future.result()
+        if self.pp > 1:
+            self.pipeline = Pipeline(self.graphdef, self.state, self.placement, self._head,
+                                     num_micro_batches=self.pp)
         capacity = self.num_pages * self.page_size
         logger.info("KV cache: %d pages of %d tokens = %d tokens (%.2f GiB, %s); maximum "
                     "concurrency at max_model_len %d: %.2fx", self.num_pages, self.page_size,
@@ -195,6 +224,12 @@ class ModelRunner:
     def _forward(self, state, kv_cache, inp: ForwardInput):
         model = nnx.merge(self.graphdef, state)
         kv_cache, h = model(inp.token_ids, inp.positions, kv_cache, inp.md)
+        logits, prompt = self._head(model, h, inp)
+        return kv_cache, logits, prompt
+
+    def _head(self, model, h, inp: ForwardInput):
+        """Final hidden states f[T, D] -> (logits f32[S, V] at each sequence's last token,
+        prompt logprobs at every token when asked for)."""
         logits = model.compute_logits(h[inp.logits_indices])  # f32[S, V]
         if self.mesh is not None:  # the sampler takes whole rows
             logits = jax.lax.with_sharding_constraint(logits, P())
@@ -209,7 +244,7 @@ class ModelRunner:
                                   jnp.zeros((T, MAX_LOGPROBS), jnp.float32))
 
         prompt = jax.lax.cond(inp.want_prompt_logprobs, prompt_lp, no_prompt_lp)
-        return kv_cache, logits, prompt
+        return logits, prompt
 
     def bucket_for(self, num_tokens: int) -> int:
         for b in self.buckets:
@@ -237,6 +272,9 @@ class ModelRunner:
         if self.enforce_eager:
             logger.info("--enforce-eager: buckets compile lazily on first use")
             self._pool.shutdown(wait=False)
+            return
+        if self.pipeline is not None:
+            self._warm_up_pipeline()
             return
         start = time.perf_counter()
         cache = self.executable_cache
@@ -266,6 +304,20 @@ class ModelRunner:
                     len(wanted) - len(self.buckets), sorted(self._sample_exe),
                     time.perf_counter() - start, len(wanted) - len(jobs), len(wanted),
                     cache.folder if cache else "nowhere: the executable cache is off")
+
+    def _warm_up_pipeline(self) -> None:
+        """Pipeline stages compile on first use: run every bucket once on an empty batch (no
+        real token, nothing written), so that no request waits for a compile."""
+        self._pool.shutdown(wait=False)
+        start = time.perf_counter()
+        for T in tqdm(self.buckets, desc="Compiling buckets (pipeline stages)", unit="bucket"):
+            inp = self._empty_input(T)
+            sampling = build_sampling_metadata([], self.rows_for(T), self.eos_token_ids,
+                                               self.max_model_len, self.cfg.vocab_size)
+            self.kv_cache, logits, _ = self.pipeline.forward(self.kv_cache, inp)
+            jax.block_until_ready(self._jit_sample(logits, sampling))
+        logger.info("compiled %d token buckets %s over %d pipeline stages in %.1f s",
+                    len(self.buckets), self.buckets, self.pp, time.perf_counter() - start)
 
     def _lower(self, forward: bool, size: int):
         with self._on_mesh():
@@ -335,10 +387,15 @@ class ModelRunner:
         runs it asynchronously), so that several runners (data-parallel replicas) can step at
         once; `finish` collects the result."""
         inp, sampling, T = self.prepare(out)
-        forward = self._forward_exe.get(T, self._jit_forward)
-        with self._on_mesh():  # traces only under --enforce-eager
-            self.kv_cache, logits, prompt = forward(self.state, self.kv_cache, inp)
-            sampled = self._sample_exe.get(self.rows_for(T), self._jit_sample)(logits, sampling)
+        if self.pipeline is not None:
+            self.kv_cache, logits, prompt = self.pipeline.forward(self.kv_cache, inp)
+            sampled = self._jit_sample(logits, sampling)
+        else:
+            forward = self._forward_exe.get(T, self._jit_forward)
+            with self._on_mesh():  # traces only under --enforce-eager
+                self.kv_cache, logits, prompt = forward(self.state, self.kv_cache, inp)
+                sampled = self._sample_exe.get(self.rows_for(T), self._jit_sample)(logits,
+                                                                                   sampling)
         self.num_steps += 1
         return PendingStep(len(out.seqs), sampled, prompt, bool(sampling.any_logprobs),
                            bool(inp.want_prompt_logprobs))
