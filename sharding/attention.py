@@ -8,7 +8,8 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec as P
 
-from jaxserve.kernels_pallas import QuantizedKVCache, ragged_paged_attention
+from jaxserve.kernels_pallas import (PALLAS_BACKENDS, QuantizedKVCache, default_backend,
+                                     ragged_paged_attention)
 from jaxserve.sharding.mesh import MODEL
 
 
@@ -32,6 +33,8 @@ def cache_spec(kv_cache, stacked: bool):
 def attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *, sm_scale,
               sliding_window=None, soft_cap=None, backend="ref", interpret=False, layer=None):
     """`kernels_pallas.ragged_paged_attention`, split over the model axis when there is one."""
+    if backend in PALLAS_BACKENDS and default_backend() != backend:
+        interpret = True  # a Pallas kernel asked for off its platform: checked, not fast
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   backend=backend, interpret=interpret, layer=layer)
     if model_axis_size() == 1:

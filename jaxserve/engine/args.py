@@ -147,6 +147,11 @@ class EngineArgs:
                 raise ValueError(f"--attention-backend {self.attention_backend} does not read a "
                                  f"{kv_dtype.name} KV cache (--kv-cache-dtype); backends that do: "
                                  f"{[b for b in BACKENDS if _reads_quantized(b)]}")
+            if self.attention_backend in ("tpu", "gpu") and default_backend() != \
+                    self.attention_backend:
+                logger.warning("--attention-backend %s on %s: the Pallas kernel runs in interpret "
+                               "mode (for checking it, far slower than the platform's own)",
+                               self.attention_backend, jax.default_backend())
             return self.attention_backend
         backend = default_backend()
         if backend == "cpu":

@@ -1,5 +1,6 @@
-"""The engine with quantised (int8, fp8) and bfloat16 KV caches, and how it picks the attention
-backend and page size for the platform and cache dtype."""
+"""Attention inside the engine: the Pallas kernels (interpret mode on CPU) give transformers'
+greedy tokens, quantised (int8, fp8) KV caches stay close to float32, and the engine picks the
+attention backend and page size for the platform and cache dtype."""
 
 from __future__ import annotations
 
@@ -21,10 +22,28 @@ def _prompt_logprobs(llm, prompt):
     return np.array([next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]])
 
 
+@pytest.mark.parametrize("backend,kv_dtype", [("tpu", "auto"), ("gpu", "auto"), ("tpu", "int8")])
+def test_pallas_backends_in_the_engine_match_transformers(tiny_llm, backend, kv_dtype):
+    """The tpu and gpu kernels inside the compiled step (interpret mode here), decode and
+    prefill mixed in a batch; a quantised cache through the tpu kernel."""
+    llm, hf = tiny_llm("Qwen3ForCausalLM", attention_backend=backend, kv_cache_dtype=kv_dtype,
+                       block_size=16, enforce_eager=True)
+    assert llm.engine.attention_backend == backend
+    prompts = random_prompts(5, [3, 20, 9])
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    got = [o.outputs[0].token_ids for o in outs]
+    want = [hf_greedy(hf, p, 5) for p in prompts]
+    if kv_dtype == "auto":
+        assert got == want
+    else:  # int8 values: the first tokens agree
+        assert [g[:2] for g in got] == [w[:2] for w in want]
+
+
 @pytest.mark.parametrize("kv_dtype,tol", [("int8", 0.05), ("fp8", 0.3)])
 def test_reduced_kv_cache_stays_close_to_float32(tiny_llm, kv_dtype, tol):
     exact, hf = tiny_llm("LlamaForCausalLM")
-    reduced, _ = tiny_llm("LlamaForCausalLM", kv_cache_dtype=kv_dtype)
+    reduced, _ = tiny_llm("LlamaForCausalLM", kv_cache_dtype=kv_dtype, enforce_eager=True)
     runner = reduced.engine.runner
     assert isinstance(runner.kv_cache, QuantizedKVCache)
     assert runner.kv_cache.data.dtype.itemsize == 1
