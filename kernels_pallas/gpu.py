@@ -61,6 +61,7 @@ from jaxserve.kernels_pallas.quant import QuantizedKVCache, is_quantized_dtype
 from jaxserve.kernels_pallas.ref import token_layout, validate_inputs, write_kv
 
 DEFAULT_PAGE_SIZE = 16
+QUANTIZED_KV = True  # reads int8/fp8 caches
 CACHE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 16, 256
 # NOTE: "no window"; positions stay far below 2**30, so `pos - kv_pos < _NO_WINDOW` always holds
