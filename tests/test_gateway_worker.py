@@ -378,8 +378,7 @@ def test_engine_load_reads_queues_usage_and_token_rates():
     from jaxserve.metrics import Metrics
 
     metrics = Metrics("tiny")
-    engine = SimpleNamespace(scheduler=SimpleNamespace(num_running=3, num_waiting=2),
-                             block_manager=SimpleNamespace(usage=0.5), metrics=metrics)
+    engine = SimpleNamespace(num_running=3, num_waiting=2, kv_cache_usage=0.5, metrics=metrics)
     load = EngineLoad(engine, "tiny")
     metrics.prompt_tokens.inc(100)
     metrics.generation_tokens.inc(40)

@@ -125,7 +125,8 @@ def run_jaxserve(ns: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]
     llm = LLM(**dataclasses.asdict(_engine_args(ns)))
     startup = time.perf_counter() - start
     engine = llm.engine
-    compiled = engine.runner.num_compiled
+    runners = [r.runner for r in engine.replicas]  # one per data-parallel replica
+    compiled = sum(r.num_compiled for r in runners)
 
     def generate(prompts: list[list[int]], max_tokens: int | list[int]) -> list[int]:
         lens = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else max_tokens
@@ -139,8 +140,8 @@ def run_jaxserve(ns: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]
         name="jaxserve", startup_s=startup, dtype=str(np.dtype(engine.dtype)),
         kv_cache_dtype=str(np.dtype(engine.runner.kv_cache.dtype)),
         max_num_batched_tokens=engine.scheduler_config.max_num_batched_tokens,
-        kv_pages=engine.runner.num_pages, buckets=list(engine.runner.buckets),
-        recompiles=engine.runner.num_compiled - compiled,
+        kv_pages=sum(r.num_pages for r in runners), buckets=list(engine.runner.buckets),
+        recompiles=sum(r.num_compiled for r in runners) - compiled,
         versions={"jaxserve": jaxserve.__version__, "jax": jax.__version__},
     )  # fmt: skip
     return result

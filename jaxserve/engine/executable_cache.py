@@ -7,7 +7,8 @@ the model config, the dtypes and every shape the engine fixes at start-up. Any o
 gives a new key, and the buckets are traced and compiled as usual (and stored under the new key).
 
 Set `JAXSERVE_EXECUTABLE_CACHE=0` to turn it off. Entries are pickles of what
-`jax.experimental.serialize_executable` produces; like JAX's own cache, the folder must be trusted.
+`jax.experimental.serialize_executable` produces, with the ids of the devices the executable runs
+on; like JAX's own cache, the folder must be trusted.
 """
 
 from __future__ import annotations
@@ -117,8 +118,12 @@ class ExecutableCache:
             os.utime(self.folder)  # recently used: pruned last
         try:
             with open(path, "rb") as f:
-                payload, in_tree, out_tree = pickle.load(f)
-            return deserialize_and_load(payload, in_tree, out_tree)
+                payload, in_tree, out_tree, device_ids = pickle.load(f)
+            # NOTE: without its devices, an executable loads onto all of the backend's: a
+            # one-device step then wants a shard per device, and a mesh's aborts the process.
+            by_id = {d.id: d for d in jax.devices()}
+            return deserialize_and_load(payload, in_tree, out_tree,
+                                        execution_devices=[by_id[i] for i in device_ids])
         except Exception as e:  # noqa: BLE001 (a stale or torn entry must never stop start-up)
             logger.warning("ignoring cached executable %s: %s: %s", path, type(e).__name__, e)
             try:
@@ -132,7 +137,8 @@ class ExecutableCache:
 
         path = self._path(name)
         try:
-            data = pickle.dumps(serialize(compiled))
+            devices = compiled.runtime_executable().local_devices()  # in assignment order
+            data = pickle.dumps((*serialize(compiled), [d.id for d in devices]))
             if not os.path.isdir(self.folder):
                 os.makedirs(self.folder, exist_ok=True)
                 self.prune()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -16,12 +17,13 @@ from jaxserve.detokenizer import OutputText
 from jaxserve.engine.args import EngineArgs
 from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.model_runner import ModelRunner, StepResult
+from jaxserve.engine.replica import (Replica, copy_model, device_ids, pick_replica,
+                                     replica_placements)
 from jaxserve.engine.scheduler import Scheduler, SchedulerOutput
 from jaxserve.engine.sequence import FinishReason, Sequence
 from jaxserve.engine.stats import StatLogger
 from jaxserve.metrics import Metrics
 from jaxserve.models.loader import load_model
-from jaxserve.sharding.placement import Placement
 from jaxserve.models.source import resolve_model
 from jaxserve.outputs import RequestMetrics, RequestOutput
 from jaxserve.request_state import RequestState
@@ -42,7 +44,12 @@ def enable_compilation_cache(cache_dir: str | None) -> str:
 
 
 class LLMEngine:
-    """Loads the model, owns scheduler and runner, and turns steps into `RequestOutput`s."""
+    """Loads the model, owns scheduler and runner, and turns steps into `RequestOutput`s.
+
+    With data parallelism (`--data-parallel-size N`) it owns N replicas (engine/replica.py),
+    each with its own runner, block manager and scheduler on its own devices; a request runs
+    wholly on one of them, and `step()` steps them all at once.
+    """
 
     def __init__(self, args: EngineArgs):
         start = time.perf_counter()
@@ -75,30 +82,16 @@ class LLMEngine:
         self.cache_config = args.cache_config(self.attention_backend)
         logger.info("dtype %s, KV cache %s, attention backend %s", jnp.dtype(self.dtype).name,
                     jnp.dtype(kv_dtype).name, self.attention_backend)
-        parallel = args.parallel_config()
-        self.placement = None
-        model_cfg = cfg  # the config of the model as built on the devices
-        if not parallel.is_single_device or parallel.expert_parallel:
-            self.placement = Placement.create(cfg, parallel)
-            model_cfg = self.placement.model_config(cfg)
-            logger.info("device mesh %s over %s devices; %s", dict(self.placement.mesh.shape),
-                        jax.devices()[0].platform, self.placement.layout)
-        self.runner = ModelRunner(model_cfg, self.cache_config, self.scheduler_config,
-                                  self.dtype, enforce_eager=args.enforce_eager,
-                                  kv_cache_dtype=kv_dtype,
-                                  compile_sizes=args.compile_sizes,
-                                  executable_cache_dir=os.path.join(cache_dir, "executables"),
-                                  cache_key={"attention_backend": self.attention_backend},
-                                  mesh=self.placement.mesh if self.placement else None)
-        self.runner.prefetch_executables()
-        self.runner.attach(load_model(source, model_cfg, self.dtype, args.load_format, args.seed,
-                                      attention_backend=self.attention_backend,
-                                      placement=self.placement))
-        self.runner.compile_all()
-        self.block_manager = BlockManager(self.runner.num_pages, self.cache_config.block_size,
-                                          self.cache_config.enable_prefix_caching,
-                                          self.cache_config.prefix_caching_hash_algo)
-        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        placements = replica_placements(cfg, args.parallel_config())
+        self.placement = placements[0]  # replica 0's; every replica's is alike on its own devices
+        # the config of the model as built on the devices
+        model_cfg = self.placement.model_config(cfg) if self.placement else cfg
+        self.replicas = self._build_replicas(source, model_cfg, placements, kv_dtype, cache_dir)
+        # Replica 0 (the only one without data parallelism), for callers that want one.
+        self.runner = self.replicas[0].runner
+        self.block_manager = self.replicas[0].block_manager
+        self.scheduler = self.replicas[0].scheduler
+        self._replica_of: dict[str, Replica] = {}  # request id -> the replica serving it
         self.requests: dict[str, RequestState] = {}
         self._rng = random.Random(args.seed)
         self.stats = StatLogger(enabled=not args.disable_log_stats)
@@ -115,15 +108,73 @@ class LLMEngine:
         logger.info("engine ready in %.1f s (compilation cache: %s)",
                     time.perf_counter() - start, cache_dir)
 
+    def _build_replicas(self, source, model_cfg: ModelConfig, placements: list, kv_dtype,
+                        cache_dir: str) -> list[Replica]:
+        """A runner (weights, KV cache, compiled step), block manager and scheduler per
+        placement. The checkpoint is read once, into replica 0; the others copy its arrays."""
+        args = self.args
+        runners = []
+        for placement in placements:
+            cache_key = {"attention_backend": self.attention_backend}
+            cache_config = self.cache_config
+            if len(placements) > 1:
+                # NOTE: an executable is bound to its devices; and every replica gets replica 0's
+                # page count (sized from the first device's memory), so all are alike.
+                cache_key["devices"] = device_ids(placement)
+                if runners:
+                    cache_config = dataclasses.replace(
+                        cache_config, num_gpu_blocks_override=runners[0].num_pages)
+            runner = ModelRunner(model_cfg, cache_config, self.scheduler_config, self.dtype,
+                                 enforce_eager=args.enforce_eager, kv_cache_dtype=kv_dtype,
+                                 compile_sizes=args.compile_sizes,
+                                 executable_cache_dir=os.path.join(cache_dir, "executables"),
+                                 cache_key=cache_key, placement=placement)
+            runner.prefetch_executables()  # while the weights load
+            runners.append(runner)
+        model = load_model(source, model_cfg, self.dtype, args.load_format, args.seed,
+                           attention_backend=self.attention_backend, placement=placements[0])
+        replicas = []
+        for i, (runner, placement) in enumerate(zip(runners, placements)):
+            runner.attach(model if i == 0 else copy_model(model, placements[0], placement))
+            runner.compile_all()
+            block_manager = BlockManager(runner.num_pages, self.cache_config.block_size,
+                                         self.cache_config.enable_prefix_caching,
+                                         self.cache_config.prefix_caching_hash_algo)
+            replicas.append(Replica(i, runner, block_manager,
+                                    Scheduler(self.scheduler_config, block_manager)))
+        return replicas
+
     @property
     def max_model_len(self) -> int:
         return self.scheduler_config.max_model_len
+
+    # ---- totals over the replicas ------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return sum(r.scheduler.num_running for r in self.replicas)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(r.scheduler.num_waiting for r in self.replicas)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of all replicas' KV pages in use."""
+        bms = [r.block_manager for r in self.replicas]
+        return 1.0 - sum(bm.num_free_pages for bm in bms) / sum(bm.num_pages for bm in bms)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        queries = sum(r.block_manager.prefix_cache_queries for r in self.replicas)
+        hits = sum(r.block_manager.prefix_cache_hits for r in self.replicas)
+        return hits / queries if queries else 0.0
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     *, prompt: str | None = None, arrival_time: float | None = None,
                     priority: int = 0) -> None:
-        """Queue a request; raises ValueError for a prompt or params the engine cannot serve."""
+        """Queue a request on the least loaded replica; raises ValueError for a prompt or
+        params the engine cannot serve."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
@@ -132,6 +183,7 @@ class LLMEngine:
         arrival_time = time.time() if arrival_time is None else arrival_time
         state = RequestState(request_id, prompt, list(prompt_token_ids), params,
                              RequestMetrics(arrival_time))
+        replica = pick_replica(self.replicas)  # all n sequences share it (they fork pages)
         parent = None
         for i in range(params.n):
             if params.seed is not None:
@@ -145,8 +197,9 @@ class LLMEngine:
             if params.structured_outputs is not None:
                 seq.grammar = self.compile_grammar(params)
                 self._compiling.append(seq)
-            self.scheduler.add(seq)
+            replica.scheduler.add(seq)
         self.requests[request_id] = state
+        self._replica_of[request_id] = replica
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         n = len(prompt_token_ids)
@@ -159,7 +212,7 @@ class LLMEngine:
             raise ValueError(f"the prompt ({n} tokens) leaves no room to generate within "
                              f"max_model_len {self.max_model_len}")
         pages_needed = -(-(n + 1) // self.cache_config.block_size)
-        if pages_needed > self.runner.num_pages:
+        if pages_needed > self.runner.num_pages:  # every replica has as many pages
             raise ValueError(f"the prompt ({n} tokens) needs {pages_needed} KV pages, more than "
                              f"the {self.runner.num_pages} the cache holds")
         params.verify_vocab(vocab)
@@ -207,7 +260,7 @@ class LLMEngine:
                 seq.matcher = seq.grammar.result().matcher()
             except ValueError as e:
                 logger.error("request %s: its grammar failed to compile: %s", seq.request_id, e)
-                self.scheduler.finish(seq, FinishReason.ABORT)
+                self._replica_of[seq.request_id].scheduler.finish(seq, FinishReason.ABORT)
                 failed.append(seq)
             seq.grammar = None
         self._compiling = waiting
@@ -216,7 +269,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         state = self.requests.pop(request_id, None)
         if state is not None:
-            self.scheduler.abort(request_id)
+            self._replica_of.pop(request_id).scheduler.abort(request_id)
             if self.metrics is not None:
                 self._record_finished(state, "abort", time.time())
 
@@ -225,41 +278,53 @@ class LLMEngine:
 
     # ---- the loop -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule every replica, launch the non-empty steps (they run concurrently on their
+        own devices), then collect and postprocess each."""
         failed = self._start_matchers() if self._compiling else []
-        out = self.scheduler.schedule()
-        out.ignored.extend(failed)
-        if out.is_empty:
-            return self._postprocess(out, None)[0]
+        outs = [r.scheduler.schedule() for r in self.replicas]
+        for seq in failed:
+            outs[self._replica_of[seq.request_id].index].ignored.append(seq)
         if self.metrics is not None:
             now = time.time()
-            for seq in out.seqs:
+            for seq in (seq for out in outs for seq in out.seqs):
                 state = self.requests.get(seq.request_id)
                 if state is not None and state.metrics.first_scheduled_time is None:
                     state.metrics.first_scheduled_time = now
-        result = self.runner.execute(out)
-        self.scheduler.update_from_output(out)
-        outputs, num_sampled = self._postprocess(out, result)
-        self.stats.record(out.total_tokens - out.num_decodes, num_sampled,
-                          running=self.scheduler.num_running, waiting=self.scheduler.num_waiting,
-                          kv_usage=self.block_manager.usage,
-                          prefix_hit_rate=self.block_manager.prefix_cache_hit_rate)
-        self.record_metrics(out.total_tokens - out.num_decodes, num_sampled)
+        pending = [None if out.is_empty else r.runner.launch(out)
+                   for r, out in zip(self.replicas, outs)]
+        outputs, prompt_tokens, num_sampled = [], 0, 0
+        for r, out, launched in zip(self.replicas, outs, pending):
+            result = None
+            if launched is not None:
+                result = r.runner.finish(launched)
+                r.scheduler.update_from_output(out)
+                prompt_tokens += out.total_tokens - out.num_decodes
+            got, sampled = self._postprocess(out, result, r.scheduler)
+            outputs += got
+            num_sampled += sampled
+        if all(launched is None for launched in pending):
+            return outputs
+        self.stats.record(prompt_tokens, num_sampled, running=self.num_running,
+                          waiting=self.num_waiting, kv_usage=self.kv_cache_usage,
+                          prefix_hit_rate=self.prefix_cache_hit_rate)
+        self.record_metrics(prompt_tokens, num_sampled)
         return outputs
 
     def record_metrics(self, prompt_tokens: int = 0, generation_tokens: int = 0) -> None:
         """Update the Prometheus metrics (if any): after a step, or after aborts when idle."""
         if self.metrics is None:
             return
-        bm = self.block_manager
         self.metrics.record_step(
             prompt_tokens=prompt_tokens, generation_tokens=generation_tokens,
-            running=self.scheduler.num_running, waiting=self.scheduler.num_waiting,
-            kv_usage=bm.usage, prefix_queries=bm.prefix_cache_queries,
-            prefix_hits=bm.prefix_cache_hits, preemptions=self.scheduler.total_preemptions)
+            running=self.num_running, waiting=self.num_waiting, kv_usage=self.kv_cache_usage,
+            prefix_queries=sum(r.block_manager.prefix_cache_queries for r in self.replicas),
+            prefix_hits=sum(r.block_manager.prefix_cache_hits for r in self.replicas),
+            preemptions=sum(r.scheduler.total_preemptions for r in self.replicas))
 
-    def _postprocess(self, out: SchedulerOutput,
-                     result: StepResult | None) -> tuple[list[RequestOutput], int]:
-        """Append sampled tokens and build outputs; also returns how many tokens were sampled."""
+    def _postprocess(self, out: SchedulerOutput, result: StepResult | None,
+                     scheduler: Scheduler) -> tuple[list[RequestOutput], int]:
+        """Append sampled tokens and build outputs (`scheduler`: the replica's that scheduled
+        `out`); also returns how many tokens were sampled."""
         now = time.time()
         num_sampled = 0
         touched: dict[str, RequestState] = {}
@@ -293,7 +358,7 @@ class LLMEngine:
                 self.metrics.record_token(state.metrics.arrival_time, c.last_token_time, now)
             c.last_token_time = now
             if reason is not None:
-                self.scheduler.finish(seq, reason)
+                scheduler.finish(seq, reason)
             touched[seq.request_id] = state
         outputs = []
         for request_id, state in touched.items():
@@ -303,6 +368,7 @@ class LLMEngine:
             if state.finished:
                 state.metrics.finished_time = now
                 del self.requests[request_id]
+                del self._replica_of[request_id]
                 if self.metrics is not None:
                     self._record_finished(state, state.completions[0].finish_reason.value, now)
         return outputs, num_sampled

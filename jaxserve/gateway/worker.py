@@ -81,8 +81,9 @@ def device_info() -> dict[str, Any]:
 class EngineLoad:
     """`load_fn` for an `LLMEngine`: queue lengths, KV usage, and token rates since the last call.
 
-    Reads only what the engine already keeps: the scheduler's queues, the block manager's usage
-    and the Prometheus token counters (zero rates when the engine has no metrics, or new ones).
+    Reads only what the engine already keeps: its queues' and KV usage's totals over its
+    data-parallel replicas, and the Prometheus token counters (zero rates when the engine has no
+    metrics, or new ones).
     """
 
     def __init__(self, engine, model_name: str):
@@ -103,9 +104,9 @@ class EngineLoad:
         then, last_prompt, last_generation = self._last
         self._last = (now, prompt, generation)
         elapsed = max(now - then, 1e-6)
-        return {"running": self.engine.scheduler.num_running,
-                "waiting": self.engine.scheduler.num_waiting,
-                "kv_cache_usage": self.engine.block_manager.usage,
+        return {"running": self.engine.num_running,
+                "waiting": self.engine.num_waiting,
+                "kv_cache_usage": self.engine.kv_cache_usage,
                 "prompt_throughput": max(prompt - last_prompt, 0.0) / elapsed,
                 "generation_throughput": max(generation - last_generation, 0.0) / elapsed}
 
