@@ -105,9 +105,6 @@ class EngineArgs:
                            ("--data-parallel-size", self.data_parallel_size)):
             if size < 1:
                 raise ValueError(f"{flag} must be >= 1, got {size}")
-        if self.pipeline_parallel_size > 1:
-            raise ValueError("--pipeline-parallel-size > 1 is not implemented yet; use "
-                             "--tensor-parallel-size to spread a model over devices")
 
     def parallel_config(self):
         from jaxserve.sharding.mesh import ParallelConfig
