@@ -248,8 +248,7 @@ def test_sglang_parallel_spellings(monkeypatch):
 
 
 def test_engine_args_own_checks_propagate():
-    with pytest.raises(ValueError, match="--pipeline-parallel-size > 1 is not implemented"):
-        parse_serve_args(["-pp", "2"])
+    assert parse_serve_args(["-pp", "2"]).engine_args.pipeline_parallel_size == 2
     with pytest.raises(ValueError, match="--tensor-parallel-size must be >= 1"):
         parse_serve_args(["-tp", "0"])
     with pytest.raises(ValueError, match="--kv-cache-dtype 'fp4'"):

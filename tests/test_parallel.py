@@ -160,5 +160,52 @@ def test_mesh_and_layout_errors_say_what_fits():
     with pytest.raises(ValueError, match=r"9 query heads do not split over tensor parallel size "
                                          r"2; sizes that divide them: \[1, 3, 9\]"):
         TPLayout.plan(cfg, ParallelConfig(model=2))
-    with pytest.raises(ValueError, match="--pipeline-parallel-size > 1 is not implemented"):
-        LLM(model="unused", pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="pipeline parallel size 4 exceeds the model's 2 layers"):
+        Placement.create(ModelConfig(architecture="LlamaForCausalLM", vocab_size=128,
+                                     hidden_size=64, intermediate_size=96, num_layers=2,
+                                     num_heads=8, num_kv_heads=2, head_dim=8),
+                         ParallelConfig(pipe=4))
+
+
+@pytest.mark.parametrize("pp,tp", [(2, 1), (2, 2)])
+def test_pipeline_parallel_greedy_equals_one_device(single_device, pp, tp):
+    folder, _, want = single_device("LlamaForCausalLM", **DENSE)
+    llm = LLM(model=folder, pipeline_parallel_size=pp, tensor_parallel_size=tp, **ENGINE)
+    assert _greedy(llm) == want
+    runner = llm.engine.runner
+    assert runner.pipeline is not None and len(runner.kv_cache) == pp
+    state = _state(llm)
+    stage_devices = [set(runner.placement.stage_mesh(s).devices.flat) for s in range(pp)]
+    assert all(len(d) == tp for d in stage_devices) and not stage_devices[0] & stage_devices[1]
+    # Each layer's weights and KV cache on its own stage; embedding first, head last.
+    assert state["model.layers.0.mlp.up_proj.kernel"].sharding.device_set == stage_devices[0]
+    assert state["model.layers.1.mlp.up_proj.kernel"].sharding.device_set == stage_devices[1]
+    assert state["model.embed_tokens.weight"].sharding.device_set == stage_devices[0]
+    assert state["lm_head.kernel"].sharding.device_set == stage_devices[1]
+    assert [c.sharding.device_set for c in runner.kv_cache] == stage_devices
+    assert [c.shape[0] for c in runner.kv_cache] == [1, 1]  # one layer per stage
+
+
+def test_micro_batches_attend_like_the_whole_stream():
+    """A step cut into micro-batches (sequences split across them) gives the same attention and
+    cache as the whole stream at once."""
+    from jaxserve.engine.pipeline import split_micro_batches
+    from jaxserve.kernels_pallas import ragged_paged_attention
+    from jaxserve.models.layers import AttentionMetadata
+    from kernel_cases import make_case
+
+    c = make_case(np.random.default_rng(3), [1, 1, 9, 5], [6, 12, 9, 14], pad_tokens=0,
+                  num_slots=6)
+    T = c.q.shape[0]  # 16 tokens: micro-batches of 8 cut the 9-token prefill
+    q, k, v, cache, lens, pages, cu, dist = c.device_args()
+    want, want_cache = ragged_paged_attention(q, k, v, cache, lens, pages, cu, dist, sm_scale=0.3)
+    md = AttentionMetadata(c.lens, c.pages.reshape(-1), c.cu, c.dist)
+    mbs = split_micro_batches(np.arange(T), np.zeros(T, np.int32), md, 2)
+    outs = []
+    for mb in mbs:
+        a, b = mb.token_ids[0], mb.token_ids[-1] + 1
+        md = [jax.numpy.asarray(x) for x in mb.md]
+        out, cache = ragged_paged_attention(q[a:b], k[a:b], v[a:b], cache, *md, sm_scale=0.3)
+        outs.append(out)
+    np.testing.assert_allclose(np.concatenate(outs), np.asarray(want), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(cache), np.asarray(want_cache))
