@@ -571,6 +571,10 @@ def _build_engine_args(ns: argparse.Namespace, kw: dict[str, Any], typed: dict[s
                              "not both")
         if ns.max_total_tokens < 1:
             raise ValueError(f"{name} must be positive, got {ns.max_total_tokens}")
-        pages = math.ceil(ns.max_total_tokens / args.cache_config().block_size)
+        from jaxserve.kernels_pallas import default_backend
+
+        # The page size the engine will use: --block-size, else the attention backend's own.
+        backend = args.attention_backend or default_backend()
+        pages = math.ceil(ns.max_total_tokens / args.cache_config(backend).block_size)
         args = args.replace(num_gpu_blocks_override=pages)
     return args
