@@ -91,6 +91,10 @@ def _serve(argv: list[str]) -> int:
             logging.config.dictConfig(json.load(f))
     else:
         logging.getLogger().setLevel(ns.log_level.upper())
+    if ns.engine_args.node_rank > 0:  # multi-host: no server here; run node 0's steps
+        from jaxserve.engine.distributed import run_follower
+
+        return run_follower(ns.engine_args)
     from jaxserve.entrypoints.openai.api_server import run_server
 
     return run_server(ns)

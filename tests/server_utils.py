@@ -73,13 +73,15 @@ def serve_argv(model: str, **opts: Any) -> list[str]:
 class ServerProcess:
     """`jaxserve serve` on a loopback port; its output goes to `log_path`."""
 
-    def __init__(self, model: str, log_path: str, extra_argv: tuple[str, ...] = (), **opts: Any):
+    def __init__(self, model: str, log_path: str, extra_argv: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None, **opts: Any):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         argv = serve_argv(model, host="127.0.0.1", port=self.port, **opts) + list(extra_argv)
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env)
 
     def log(self, tail: int = 4000) -> str:
         with open(self.log_path, "rb") as f:

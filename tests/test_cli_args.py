@@ -124,8 +124,8 @@ def test_refused_flags_raise_naming_the_flag(flag):
 def test_refusal_names_the_spelling_typed():
     with pytest.raises(ValueError, match=r"^-q awq is not implemented"):
         parse_serve_args(["-q", "awq"])
-    with pytest.raises(ValueError, match=r"^--nccl-init-addr 10.0.0.1:5000 is not"):
-        parse_serve_args(["--nccl-init-addr", "10.0.0.1:5000"])
+    with pytest.raises(ValueError, match=r"^-dpa 10.0.0.1 is not"):
+        parse_serve_args(["-dpa", "10.0.0.1"])
     with pytest.raises(ValueError, match=r"-sc \{\"model\": \"d\"\}"):
         parse_serve_args(["-sc.model", "d"])
     with pytest.raises(ValueError) as e:  # every refusal at once, one per clause
@@ -245,6 +245,33 @@ def test_sglang_parallel_spellings(monkeypatch):
     assert e.enable_expert_parallel is True
     assert parse_serve_args(["--tp", "8"]).engine_args.tensor_parallel_size == 8
     assert parse_serve_args(["--enable-ep-moe"]).engine_args.enable_expert_parallel is True
+
+
+def test_multi_host_flags_map_onto_engine_args():
+    e = parse_serve_args(["-n", "2", "-r", "1", "--master-addr", "10.0.0.1", "--master-port",
+                          "5000", "--distributed-timeout-seconds", "60", "-tp", "8"]).engine_args
+    assert (e.nnodes, e.node_rank, e.master_addr, e.master_port) == (2, 1, "10.0.0.1", 5000)
+    assert e.distributed_timeout_seconds == 60
+    # SGLang: --dist-init-addr HOST:PORT (an IPv6 host in brackets), --dist-timeout.
+    e = parse_serve_args(["--nnodes", "2", "--node-rank", "1", "--dist-init-addr",
+                          "10.0.0.2:6000", "--dist-timeout", "30"]).engine_args
+    assert (e.master_addr, e.master_port, e.distributed_timeout_seconds) == \
+        ("10.0.0.2", 6000, 30)
+    e = parse_serve_args(["--nccl-init-addr", "[::1]:6000"]).engine_args
+    assert (e.master_addr, e.master_port) == ("::1", 6000)
+    e = parse_serve_args(["--dist-init-addr", "h:1", "--master-addr", "h"]).engine_args
+    assert (e.master_addr, e.master_port) == ("h", 1)
+    with pytest.raises(ValueError, match=r"^--dist-init-addr must be HOST:PORT, got 'h'"):
+        parse_serve_args(["--dist-init-addr", "h"])
+    with pytest.raises(ValueError, match=r"^--dist-init-addr h:1 contradicts --master-port 2"):
+        parse_serve_args(["--dist-init-addr", "h:1", "--master-port", "2"])
+    with pytest.raises(ValueError, match=r"--node-rank must be in \[0, --nnodes 2\), got 2"):
+        parse_serve_args(["-n", "2", "-r", "2"])
+    with pytest.raises(ValueError, match="--nnodes > 1 with data or pipeline parallelism"):
+        parse_serve_args(["-n", "2", "-dp", "2"])
+    defaults = parse_serve_args([]).engine_args
+    assert (defaults.nnodes, defaults.node_rank, defaults.master_addr, defaults.master_port) == \
+        (1, 0, "127.0.0.1", 29501)
 
 
 def test_engine_args_own_checks_propagate():

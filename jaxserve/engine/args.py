@@ -81,6 +81,13 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    # Multi-host (engine/distributed.py): this process is node `node_rank` of `nnodes`, joined by
+    # jax.distributed; node 0 serves, and runs the coordinator at master_addr:master_port.
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29501
+    distributed_timeout_seconds: int | None = None  # how long nodes wait for each other (300)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -105,6 +112,22 @@ class EngineArgs:
                            ("--data-parallel-size", self.data_parallel_size)):
             if size < 1:
                 raise ValueError(f"{flag} must be >= 1, got {size}")
+        self._check_multi_host()
+
+    def _check_multi_host(self) -> None:
+        if self.nnodes < 1:
+            raise ValueError(f"--nnodes must be >= 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be in [0, --nnodes {self.nnodes}), got "
+                             f"{self.node_rank}")
+        if not 0 < self.master_port < 65536:
+            raise ValueError(f"--master-port must be a TCP port, got {self.master_port}")
+        if self.distributed_timeout_seconds is not None and self.distributed_timeout_seconds < 1:
+            raise ValueError(f"--distributed-timeout-seconds must be >= 1, got "
+                             f"{self.distributed_timeout_seconds}")
+        if self.nnodes > 1 and (self.data_parallel_size > 1 or self.pipeline_parallel_size > 1):
+            raise ValueError("--nnodes > 1 with data or pipeline parallelism is not implemented "
+                             "yet; across nodes use --tensor-parallel-size (every node's devices)")
 
     def parallel_config(self):
         from jaxserve.sharding.mesh import ParallelConfig

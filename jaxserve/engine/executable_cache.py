@@ -74,7 +74,11 @@ def fresh_compiles():
 
 
 def enabled() -> bool:
-    return os.environ.get("JAXSERVE_EXECUTABLE_CACHE", "1").lower() not in ("0", "false", "no")
+    """On unless JAXSERVE_EXECUTABLE_CACHE=0, and off in a multi-host group: its executables
+    span processes, and each process would read what another (with other local devices)
+    compiled and stored under the same key."""
+    return (os.environ.get("JAXSERVE_EXECUTABLE_CACHE", "1").lower() not in ("0", "false", "no")
+            and jax.process_count() == 1)
 
 
 # Key folders kept under the cache's root: older ones (stale source, other shapes) are removed

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig
-from jaxserve.engine import executable_cache
+from jaxserve.engine import distributed, executable_cache
 from jaxserve.engine.sampler import SamplerOutput, SamplingMetadata, compute_logprobs, sample
 from jaxserve.engine.sampling_metadata import build_sampling_metadata
 from jaxserve.engine.pipeline import Pipeline
@@ -160,6 +160,10 @@ class ModelRunner:
         self._kv_future = self._pool.submit(self._init_kv_cache)
         self.num_steps = 0
         self.num_loaded = 0  # executables loaded from the executable cache at start-up
+        # Multi-host: node 0 sends each step to the other nodes, which run it too (None in one
+        # process; see engine/distributed.py).
+        self.lockstep = distributed.connect(self, {**(cache_key or {}),
+                                                   "dtype": jnp.dtype(dtype).name})
 
     def _init_kv_cache(self):
         cfg = self.cfg
@@ -387,6 +391,16 @@ class ModelRunner:
         runs it asynchronously), so that several runners (data-parallel replicas) can step at
         once; `finish` collects the result."""
         inp, sampling, T = self.prepare(out)
+        if self.lockstep is not None:  # multi-host: the other nodes run this step too
+            self.lockstep.send((inp, sampling))
+        sampled, prompt = self._dispatch(inp, sampling)
+        return PendingStep(len(out.seqs), sampled, prompt, bool(sampling.any_logprobs),
+                           bool(inp.want_prompt_logprobs))
+
+    def _dispatch(self, inp: ForwardInput, sampling: SamplingMetadata
+                  ) -> tuple[SamplerOutput, PromptLogprobs]:
+        """Run the compiled forward and sampler of the step's bucket, without waiting."""
+        T = inp.token_ids.shape[0]
         if self.pipeline is not None:
             self.kv_cache, logits, prompt = self.pipeline.forward(self.kv_cache, inp)
             sampled = self._jit_sample(logits, sampling)
@@ -397,8 +411,12 @@ class ModelRunner:
                 sampled = self._sample_exe.get(self.rows_for(T), self._jit_sample)(logits,
                                                                                    sampling)
         self.num_steps += 1
-        return PendingStep(len(out.seqs), sampled, prompt, bool(sampling.any_logprobs),
-                           bool(inp.want_prompt_logprobs))
+        return sampled, prompt
+
+    def follow(self) -> None:
+        """Multi-host, nodes other than 0: run each step node 0 sends until it stops."""
+        for inp, sampling in self.lockstep:
+            self._dispatch(inp, sampling)
 
     def finish(self, pending: PendingStep) -> StepResult:
         """Wait for a launched step; the sampled tokens (and logprobs) on the host."""

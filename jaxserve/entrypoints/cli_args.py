@@ -557,7 +557,24 @@ def _engine_kwargs(ns: argparse.Namespace, typed: dict[str, str]) -> dict[str, A
             kw["enable_chunked_prefill"] = False
         else:
             kw["max_num_batched_tokens"] = ns.chunked_prefill_size
+    if ns.dist_init_addr is not None:
+        kw["master_addr"], kw["master_port"] = _dist_init_addr(ns, typed)
     return kw
+
+
+def _dist_init_addr(ns: argparse.Namespace, typed: dict[str, str]) -> tuple[str, int]:
+    """SGLang's `--dist-init-addr HOST:PORT` (an IPv6 host in brackets) -> master addr, port."""
+    name = _name("dist_init_addr", typed)
+    host, sep, port = ns.dist_init_addr.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{name} must be HOST:PORT, got {ns.dist_init_addr!r}")
+    for key, value in (("master_addr", host), ("master_port", int(port))):
+        if key in typed and getattr(ns, key) != value:
+            raise ValueError(f"{name} {ns.dist_init_addr} contradicts {_name(key, typed)} "
+                             f"{getattr(ns, key)}")
+    return host, int(port)
 
 
 def _build_engine_args(ns: argparse.Namespace, kw: dict[str, Any], typed: dict[str, str]):

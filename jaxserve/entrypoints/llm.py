@@ -32,6 +32,10 @@ class LLM:
         args = EngineArgs(model=model, tokenizer=tokenizer, dtype=dtype,
                           max_model_len=max_model_len, seed=seed,
                           tensor_parallel_size=tensor_parallel_size, **kwargs)
+        if args.node_rank > 0:
+            raise ValueError(f"node_rank={args.node_rank}: only node 0 runs an LLM; the other "
+                             "nodes run jaxserve.engine.distributed.run_follower(EngineArgs(...)) "
+                             "or `jaxserve serve ... --node-rank N`")
         self.engine = LLMEngine(args)
         self._ids = itertools.count()
 

@@ -300,11 +300,15 @@ GROUPS: tuple[tuple[str, str, tuple[Flag, ...]], ...] = (
         F(ENGINE, "--tensor-parallel-size -tp", "tensor-parallel devices: heads, MLP, vocabulary split", int, 1),
         F(ENGINE, "--data-parallel-size -dp", "data-parallel replicas, in one process", int, 1),
         F(ENGINE, "--enable-expert-parallel -ep", "MoE: whole experts per tensor-parallel device", SWITCH),
-        F(REFUSE, "--master-addr", "multi-host serving", default="127.0.0.1"),
-        F(REFUSE, "--master-port", "multi-host serving", int, 29501),
-        F(REFUSE, "--nnodes -n", "multi-host serving", int, 1),
-        F(REFUSE, "--node-rank -r", "multi-host serving", int, 0),
-        F(WARN, "--distributed-timeout-seconds", "there is no torch.distributed group", int),
+        F(ENGINE, "--master-addr", "multi-host: node 0's address, where the other nodes join "
+          "the group (jax.distributed's coordinator)", default="127.0.0.1"),
+        F(ENGINE, "--master-port", "multi-host: the coordinator's port on node 0", int, 29501),
+        F(ENGINE, "--nnodes -n", "multi-host: nodes (one process each) whose devices form one "
+          "mesh; set -tp to all their devices", int, 1),
+        F(ENGINE, "--node-rank -r", "multi-host: this node; 0 serves HTTP and schedules, the "
+          "others run its steps (no HTTP) and exit when it does", int, 0),
+        F(ENGINE, "--distributed-timeout-seconds", "multi-host: seconds nodes wait for each "
+          "other at start-up (default: 300)", int),
         F(WARN, "--numa-bind", _ONE_PROC, SWITCH),
         F(WARN, "--numa-bind-nodes", _ONE_PROC, int, nargs="+"),
         F(WARN, "--numa-bind-cpus", _ONE_PROC, nargs="+"),
@@ -588,8 +592,10 @@ GROUPS: tuple[tuple[str, str, tuple[Flag, ...]], ...] = (
         F(REFUSE, "--disaggregation-transfer-backend", _DISAGG, default="mooncake"),
         F(REFUSE, "--num-reserved-decode-tokens", _DISAGG, int, 512),
         F(REFUSE, "--pdlb-url", _DISAGG),
-        F(REFUSE, "--dist-init-addr --nccl-init-addr", "multi-host serving"),
-        F(WARN, "--dist-timeout", "there is no torch.distributed group", int),
+        F(MAPPED, "--dist-init-addr --nccl-init-addr", "HOST:PORT of node 0 -> --master-addr, "
+          "--master-port"),
+        F(ALIAS, "--dist-timeout", "SGLang spelling of --distributed-timeout-seconds", int,
+          dest="distributed_timeout_seconds", default=argparse.SUPPRESS),
         F(WARN, "--nccl-port", _NCCL, int),
         F(REFUSE, "--ds-channel-config-path", "double-sparsity attention"),
         F(REFUSE, "--ds-heavy-channel-num", "double-sparsity attention", int, 32),
