@@ -166,32 +166,26 @@ class ModelRunner:
                                                    "dtype": jnp.dtype(dtype).name})
 
     def _init_kv_cache(self):
-        cfg = self.cfg
-
-        def init():
-            return init_kv_cache(self.num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim,
-                                 self.kv_dtype, num_layers=cfg.num_layers)
-
         if self.mesh is None:
-            return jax.block_until_ready(init())
+            return jax.block_until_ready(self._new_cache(self.cfg.num_layers))
         if self.pp > 1:  # one cache per stage, of its layers, on its devices
-            return jax.block_until_ready([self._init_stage_cache(s) for s in range(self.pp)])
-        # Each device zeroes only its own KV heads.
-        spec = cache_spec(jax.eval_shape(init), stacked=True)
-        shardings = jax.tree.map(lambda p: NamedSharding(self.mesh, p), spec,
-                                 is_leaf=lambda x: isinstance(x, P))
-        return jax.block_until_ready(jax.jit(init, out_shardings=shardings)())
+            return jax.block_until_ready([
+                self._new_cache(end - start, self.placement.stage_mesh(s))
+                for s, (start, end) in enumerate(self.placement.stages)])
+        return jax.block_until_ready(self._new_cache(self.cfg.num_layers, self.mesh))
 
-    def _init_stage_cache(self, stage: int):
+    def _new_cache(self, num_layers: int, mesh: Mesh | None = None):
+        """A zeroed cache of `num_layers` layers; on a mesh each device zeroes only its own KV
+        heads."""
         cfg = self.cfg
-        start, end = self.placement.stages[stage]
 
         def init():
             return init_kv_cache(self.num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim,
-                                 self.kv_dtype, num_layers=end - start)
+                                 self.kv_dtype, num_layers=num_layers)
 
+        if mesh is None:
+            return init()
         spec = cache_spec(jax.eval_shape(init), stacked=True)
-        mesh = self.placement.stage_mesh(stage)
         shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), spec,
                                  is_leaf=lambda x: isinstance(x, P))
         return jax.jit(init, out_shardings=shardings)()
