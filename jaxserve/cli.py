@@ -94,6 +94,10 @@ def _serve(argv: list[str]) -> int:
     if ns.engine_args.node_rank > 0:  # multi-host: no server here; run node 0's steps
         from jaxserve.engine.distributed import run_follower
 
+        logging.getLogger("jaxserve").warning(
+            "node %d of %d runs node 0's steps and serves no HTTP: the server's flags (--host, "
+            "--port, --api-key, --gateway-address, ...) take effect on node 0 only",
+            ns.engine_args.node_rank, ns.engine_args.nnodes)
         return run_follower(ns.engine_args)
     from jaxserve.entrypoints.openai.api_server import run_server
 
