@@ -45,6 +45,16 @@ def default_page_size(backend: str) -> int:
     return backend_module(backend).DEFAULT_PAGE_SIZE
 
 
+def reads_quantized(backend: str) -> bool:
+    """Whether the backend reads int8/fp8 KV caches (`QuantizedKVCache`)."""
+    return backend_module(backend).QUANTIZED_KV
+
+
+def runs_interpreted(backend: str) -> bool:
+    """A Pallas backend off its own platform runs in interpret mode (checked, not fast)."""
+    return backend in PALLAS_BACKENDS and default_backend() != backend
+
+
 def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *,
                            sm_scale: float, sliding_window=None, soft_cap=None,
                            backend: str = "ref", interpret: bool = False, layer=None):
@@ -66,4 +76,5 @@ def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, 
 
 
 __all__ = ["BACKENDS", "PALLAS_BACKENDS", "QuantizedKVCache", "default_backend",
-           "default_page_size", "init_kv_cache", "is_quantized_dtype", "ragged_paged_attention"]
+           "default_page_size", "init_kv_cache", "is_quantized_dtype", "ragged_paged_attention",
+           "reads_quantized", "runs_interpreted"]

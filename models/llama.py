@@ -50,12 +50,16 @@ class LlamaModel(nnx.Module):
     def embed(self, token_ids):
         return self.embed_tokens(token_ids)
 
+    def context(self, positions, md: AttentionMetadata) -> LayerContext:
+        """What every layer of a step shares (a pipeline stage builds its own)."""
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        return LayerContext(cos=cos, sin=sin, md=md, backend=self.attention_backend)
+
     def __call__(self, token_ids, positions, kv_cache, md: AttentionMetadata):
         """token_ids i32[T], positions i32[T] -> (hidden f[T, D], kv_cache)."""
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
-        ctx = LayerContext(cos=cos, sin=sin, md=md, backend=self.attention_backend)
         h = self.embed(token_ids)
-        h, kv_cache = run_layers(self.layers, h, ctx, kv_cache, self.windows)
+        h, kv_cache = run_layers(self.layers, h, self.context(positions, md), kv_cache,
+                                 self.windows)
         return self.norm(h), kv_cache
 
 

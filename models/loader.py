@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.models.weights import abstract_model, dummy_params, load_params
-from jaxserve.sharding.placement import Placement, key_path
+from jaxserve.sharding.placement import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +79,8 @@ def restore_orbax(model: nnx.Module, path: str, placement: Placement | None = No
     if placement is None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     else:
-        abstract = jax.tree_util.tree_map_with_path(
-            lambda path, x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                 sharding=placement.sharding(key_path(path))),
-            state)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                state, placement.shardings(state))
     with ocp.StandardCheckpointer() as ckpt:
         restored = ckpt.restore(os.path.join(os.path.abspath(path), "params"), abstract)
     nnx.update(model, restored)

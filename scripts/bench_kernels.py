@@ -28,12 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.engine.args import KV_CACHE_DTYPES
 from jaxserve.kernels_pallas import (QuantizedKVCache, default_backend, default_page_size,
                                      init_kv_cache, is_quantized_dtype, ragged_paged_attention)
 from jaxserve.kernels_pallas.quant import kv_bytes_per_token_head
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
-           "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -127,14 +125,14 @@ def main() -> None:
     p.add_argument("--page-size", type=int, default=None, help="default: the backend's own")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    default="float32" if on_cpu else "bfloat16")
-    p.add_argument("--kv-cache-dtype", choices=list(_DTYPES), default=None,
+    p.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default=None,
                    help="default: --dtype")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
 
-    dtype = _DTYPES[args.dtype]
-    kv_dtype = _DTYPES[args.kv_cache_dtype or args.dtype]
+    dtype = KV_CACHE_DTYPES[args.dtype]
+    kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype or args.dtype]
     native = default_backend()
     backends = args.backends.split(",") if args.backends else ["ref", native]
     device = jax.devices()[0]

@@ -8,9 +8,9 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec as P
 
-from jaxserve.kernels_pallas import (PALLAS_BACKENDS, QuantizedKVCache, default_backend,
-                                     ragged_paged_attention)
+from jaxserve.kernels_pallas import ragged_paged_attention, runs_interpreted
 from jaxserve.sharding.mesh import MODEL
+from jaxserve.sharding.rules import kv_cache_spec
 
 
 def model_axis_size() -> int:
@@ -21,27 +21,17 @@ def model_axis_size() -> int:
     return mesh.shape[MODEL]
 
 
-def cache_spec(kv_cache, stacked: bool):
-    """The KV cache's PartitionSpec: KV heads (axis -2 of values, -1 of scales) over the model
-    axis."""
-    lead = (None,) * (3 if stacked else 2)
-    if isinstance(kv_cache, QuantizedKVCache):
-        return QuantizedKVCache(P(*lead, MODEL, None), P(*lead, MODEL))
-    return P(*lead, MODEL, None)
-
-
 def attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *, sm_scale,
               sliding_window=None, soft_cap=None, backend="ref", interpret=False, layer=None):
     """`kernels_pallas.ragged_paged_attention`, split over the model axis when there is one."""
-    if backend in PALLAS_BACKENDS and default_backend() != backend:
-        interpret = True  # a Pallas kernel asked for off its platform: checked, not fast
+    interpret = interpret or runs_interpreted(backend)
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   backend=backend, interpret=interpret, layer=layer)
     if model_axis_size() == 1:
         return ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens,
                                       distribution, **kwargs)
     heads = P(None, MODEL, None)
-    cache = cache_spec(kv_cache, stacked=layer is not None)
+    cache = kv_cache_spec(kv_cache, stacked=layer is not None)
     # NOTE: the traced sliding window (a per-layer scalar) and the page metadata are replicated.
     per_shard = jax.shard_map(
         lambda q, k, v, c, *md: ragged_paged_attention(q, k, v, c, *md, **kwargs),

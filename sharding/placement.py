@@ -36,9 +36,7 @@ class Placement:
     mesh: Mesh
     parallel: ParallelConfig
     layout: TPLayout
-
-    # Pipeline stages' [start, end) layers; one stage without pipeline parallelism.
-    stages: tuple[tuple[int, int], ...] = ((0, 1 << 30),)
+    stages: tuple[tuple[int, int], ...]  # each pipeline stage's [start, end) layers
 
     @classmethod
     def create(cls, cfg: ModelConfig, parallel: ParallelConfig, devices=None) -> Placement:
@@ -58,6 +56,11 @@ class Placement:
         name = dotted(path)
         return NamedSharding(self.stage_mesh(stage_of(name, list(self.stages))),
                              param_spec(name, self.parallel))
+
+    def shardings(self, state):
+        """The sharding of every parameter of an nnx State (a tree shaped like it)."""
+        return jax.tree_util.tree_map_with_path(lambda path, _: self.sharding(key_path(path)),
+                                                state)
 
     def adapt(self, path: tuple, value: np.ndarray, head_dim: int) -> np.ndarray:
         """A checkpoint tensor (in our layout) reshaped for the mesh: KV heads repeated when tp

@@ -20,6 +20,7 @@ import re
 from jax.sharding import PartitionSpec as P
 
 from jaxserve.config import ModelConfig
+from jaxserve.kernels_pallas import QuantizedKVCache
 from jaxserve.sharding.mesh import MODEL, ParallelConfig, check_divides
 
 # (pattern, spec for tensor parallelism, spec under expert parallelism if different)
@@ -34,11 +35,16 @@ PARAM_RULES: tuple[tuple[str, P, P | None], ...] = (
     (r"lm_head\.kernel$", P(None, MODEL), None),
 )
 
-# The paged KV cache `f[L, pages, page_size, 2K, H]` (scales `f32[L, pages, page_size, 2K]`):
-# KV heads over the model axis. Each shard holds its own heads' keys then values, so the global
-# array is the shards' caches side by side; only the attention kernels read it, per shard.
-KV_CACHE_SPEC = P(None, None, None, MODEL, None)
-KV_SCALE_SPEC = P(None, None, None, MODEL)
+
+def kv_cache_spec(kv_cache, stacked: bool):
+    """The paged KV cache's PartitionSpec: `f[(L,) pages, page_size, 2K, H]` (and the scales
+    `f32[(L,) pages, page_size, 2K]` of a quantised cache) split by KV heads over the model axis.
+    Each shard holds its own heads' keys then values, so the global array is the shards' caches
+    side by side; only the attention kernels read it, per shard."""
+    lead = (None,) * (3 if stacked else 2)
+    if isinstance(kv_cache, QuantizedKVCache):
+        return QuantizedKVCache(P(*lead, MODEL, None), P(*lead, MODEL))
+    return P(*lead, MODEL, None)
 
 
 def param_spec(path: str, parallel: ParallelConfig) -> P:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxserve import LLM, SamplingParams
@@ -54,7 +55,7 @@ def _spec(array) -> P:
 
 def _state(llm) -> dict:
     return {".".join(map(str, k)): v.get_value() for k, v in
-            __import__("flax").nnx.to_flat_state(llm.engine.runner.state)}
+            nnx.to_flat_state(llm.engine.runner.state)}
 
 
 @pytest.mark.parametrize("tp", [2, 4, 8])

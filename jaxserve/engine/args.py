@@ -155,20 +155,20 @@ class EngineArgs:
 
     def resolve_attention_backend(self, dtype, kv_dtype=None) -> str:
         """`--attention-backend`, or the platform's kernel where it serves these dtypes."""
-        from jaxserve.kernels_pallas import BACKENDS, cpu, default_backend
+        from jaxserve.kernels_pallas import (BACKENDS, cpu, default_backend, is_quantized_dtype,
+                                             reads_quantized, runs_interpreted)
 
         kv_dtype = jnp.dtype(kv_dtype or dtype)
-        quantized = kv_dtype.itemsize == 1
+        quantized = is_quantized_dtype(kv_dtype)
         if self.attention_backend is not None:
             if self.attention_backend not in BACKENDS:
                 raise ValueError(f"--attention-backend must be one of {BACKENDS}, got "
                                  f"{self.attention_backend!r}")
-            if quantized and not _reads_quantized(self.attention_backend):
+            if quantized and not reads_quantized(self.attention_backend):
                 raise ValueError(f"--attention-backend {self.attention_backend} does not read a "
                                  f"{kv_dtype.name} KV cache (--kv-cache-dtype); backends that do: "
-                                 f"{[b for b in BACKENDS if _reads_quantized(b)]}")
-            if self.attention_backend in ("tpu", "gpu") and default_backend() != \
-                    self.attention_backend:
+                                 f"{[b for b in BACKENDS if reads_quantized(b)]}")
+            if runs_interpreted(self.attention_backend):
                 logger.warning("--attention-backend %s on %s: the Pallas kernel runs in interpret "
                                "mode (for checking it, far slower than the platform's own)",
                                self.attention_backend, jax.default_backend())
@@ -179,7 +179,7 @@ class EngineArgs:
                     or not cpu.available():
                 return "ref"
             return "cpu"
-        if quantized and not _reads_quantized(backend):
+        if quantized and not reads_quantized(backend):
             logger.warning("the %s attention kernel does not read a %s KV cache; attention runs "
                            "on the ref backend (slower)", backend, kv_dtype.name)
             return "ref"
@@ -231,9 +231,3 @@ def _check_structured_outputs_config(cfg: dict[str, Any]) -> None:
         raise ValueError("--structured-outputs-config enable_in_reasoning=true is not "
                          "implemented yet")
 
-
-def _reads_quantized(backend: str) -> bool:
-    """Whether an attention backend reads int8/fp8 KV caches (its module's `QUANTIZED_KV`)."""
-    from jaxserve.kernels_pallas import backend_module
-
-    return getattr(backend_module(backend), "QUANTIZED_KV", False)

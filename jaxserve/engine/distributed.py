@@ -42,11 +42,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax._src import distributed as jax_distributed
-
-from jaxserve.engine.sampling_metadata import build_sampling_metadata
 
 if TYPE_CHECKING:
     from jaxserve.engine.args import EngineArgs
@@ -119,11 +116,11 @@ def initialize(args: EngineArgs) -> DistributedConfig | None:
     return config
 
 
-def connect(runner: ModelRunner, key: dict[str, Any]) -> Lockstep | None:
+def connect(runner: ModelRunner) -> Lockstep | None:
     """The step channel of `runner` when this process is one node of several (else None).
 
     Checks that the runner's mesh spans every node, and that every node built the same runner
-    (`key`: what else its compiled step depends on, such as dtypes and the attention backend).
+    (`runner.step_key`: what its compiled step depends on, and its devices).
     """
     if jax.process_count() == 1:
         return None
@@ -135,17 +132,9 @@ def connect(runner: ModelRunner, key: dict[str, Any]) -> Lockstep | None:
                          f"every node: set --tensor-parallel-size to the group's "
                          f"{jax.device_count()} devices")
     T = runner.buckets[0]
-    template = (runner._empty_input(T),
-                build_sampling_metadata([], runner.rows_for(T), runner.eos_token_ids,
-                                        runner.max_model_len, runner.cfg.vocab_size))
-    fingerprint = {
-        **key, "model": repr(runner.cfg), "buckets": list(runner.buckets),
-        "num_pages": runner.num_pages, "page_size": runner.page_size,
-        "max_num_seqs": runner.max_num_seqs, "max_model_len": runner.max_model_len,
-        "kv_dtype": jnp.dtype(runner.kv_dtype).name, "enforce_eager": runner.enforce_eager,
-        "mesh": _mesh_shape(runner),
-        "devices": [d.id for d in runner.mesh.devices.flat],
-    }
+    template = (runner._empty_input(T), runner._empty_sampling(runner.rows_for(T)))
+    fingerprint = {**runner.step_key, "enforce_eager": runner.enforce_eager,
+                   "devices": [d.id for d in runner.mesh.devices.flat]}
     lockstep = Lockstep(template, fingerprint, _joined.timeout_s if _joined else DEFAULT_TIMEOUT_S)
     weakref.finalize(runner, lockstep.stop)  # the engine going away releases the followers
     return lockstep

@@ -137,7 +137,7 @@ class LLMEngine:
                            attention_backend=self.attention_backend, placement=placements[0])
         replicas = []
         for i, (runner, placement) in enumerate(zip(runners, placements)):
-            runner.attach(model if i == 0 else copy_model(model, placements[0], placement))
+            runner.attach(model if i == 0 else copy_model(model, placement))
             runner.compile_all()
             block_manager = BlockManager(runner.num_pages, self.cache_config.block_size,
                                          self.cache_config.enable_prefix_caching,

@@ -26,16 +26,15 @@ from tqdm.auto import tqdm
 from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from jaxserve.engine import distributed, executable_cache
 from jaxserve.engine.sampler import SamplerOutput, SamplingMetadata, compute_logprobs, sample
-from jaxserve.engine.sampling_metadata import build_sampling_metadata
 from jaxserve.engine.pipeline import Pipeline
+from jaxserve.engine.sampling_metadata import build_sampling_metadata
 from jaxserve.engine.scheduler import SchedulerOutput
 from jaxserve.kernels_pallas import init_kv_cache
 from jaxserve.kernels_pallas.quant import kv_bytes_per_token_head
 from jaxserve.models.layers import AttentionMetadata
-
-from jaxserve.sharding.attention import cache_spec
-from jaxserve.sharding.placement import Placement
 from jaxserve.sampling_params import MAX_LOGPROBS
+from jaxserve.sharding.placement import Placement
+from jaxserve.sharding.rules import kv_cache_spec
 
 logger = logging.getLogger(__name__)
 
@@ -115,17 +114,15 @@ class ModelRunner:
                  scheduler_config: SchedulerConfig, dtype, *, enforce_eager: bool = False,
                  kv_cache_dtype=None, compile_sizes: tuple[int, ...] | None = None,
                  executable_cache_dir: str | None = None, cache_key: dict | None = None,
-                 mesh: Mesh | None = None, placement: Placement | None = None):
+                 placement: Placement | None = None):
         self.cfg = model_config
         # Pipeline parallelism: stages on their own devices (set up in `attach`).
         self.placement = placement
         self.pipeline: Pipeline | None = None
         self.pp = placement.parallel.pipe if placement is not None else 1
-        if placement is not None:
-            mesh = placement.mesh
         # NOTE: the mesh the step runs on (None: one device). Tracing happens under it, so that
         # attention splits over its model axis (sharding/attention.py).
-        self.mesh = mesh
+        self.mesh = placement.mesh if placement is not None else None
         self.page_size = cache_config.block_size
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_model_len = scheduler_config.max_model_len
@@ -137,16 +134,20 @@ class ModelRunner:
         self.buckets = token_buckets(scheduler_config.max_num_batched_tokens, min_bucket,
                                      compile_sizes)
         self.enforce_eager = enforce_eager
+        # What the compiled step depends on besides jaxserve's source and the devices: the key
+        # of the executable cache, and what every node of a multi-host group must agree on.
+        self.step_key = {
+            **(cache_key or {}), "model": repr(model_config), "dtype": jnp.dtype(dtype).name,
+            "kv_dtype": jnp.dtype(kv_dtype).name, "num_pages": self.num_pages,
+            "page_size": self.page_size, "max_num_seqs": self.max_num_seqs,
+            "max_model_len": self.max_model_len, "buckets": tuple(self.buckets),
+            "mesh": dict(self.mesh.shape) if self.mesh is not None else None,
+        }
         self.executable_cache = None
         # NOTE: pipeline stages are several executables per bucket; they are not stored.
         if executable_cache_dir and executable_cache.enabled() and self.pp == 1:
-            self.executable_cache = executable_cache.ExecutableCache(executable_cache_dir, {
-                **(cache_key or {}), "model": repr(model_config), "dtype": jnp.dtype(dtype).name,
-                "kv_dtype": jnp.dtype(kv_dtype).name, "num_pages": self.num_pages,
-                "page_size": self.page_size, "max_num_seqs": self.max_num_seqs,
-                "max_model_len": self.max_model_len, "buckets": tuple(self.buckets),
-                "mesh": dict(mesh.shape) if mesh is not None else None,
-            })
+            self.executable_cache = executable_cache.ExecutableCache(executable_cache_dir,
+                                                                     self.step_key)
         self.kv_dtype = kv_dtype
         self._jit_forward = jax.jit(self._forward, donate_argnums=(1,))
         self._jit_sample = jax.jit(sample)
@@ -162,8 +163,7 @@ class ModelRunner:
         self.num_loaded = 0  # executables loaded from the executable cache at start-up
         # Multi-host: node 0 sends each step to the other nodes, which run it too (None in one
         # process; see engine/distributed.py).
-        self.lockstep = distributed.connect(self, {**(cache_key or {}),
-                                                   "dtype": jnp.dtype(dtype).name})
+        self.lockstep = distributed.connect(self)
 
     def _init_kv_cache(self):
         if self.mesh is None:
@@ -185,7 +185,7 @@ class ModelRunner:
 
         if mesh is None:
             return init()
-        spec = cache_spec(jax.eval_shape(init), stacked=True)
+        spec = kv_cache_spec(jax.eval_shape(init), stacked=True)
         shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), spec,
                                  is_leaf=lambda x: isinstance(x, P))
         return jax.jit(init, out_shardings=shardings)()
@@ -309,11 +309,8 @@ class ModelRunner:
         self._pool.shutdown(wait=False)
         start = time.perf_counter()
         for T in tqdm(self.buckets, desc="Compiling buckets (pipeline stages)", unit="bucket"):
-            inp = self._empty_input(T)
-            sampling = build_sampling_metadata([], self.rows_for(T), self.eos_token_ids,
-                                               self.max_model_len, self.cfg.vocab_size)
-            self.kv_cache, logits, _ = self.pipeline.forward(self.kv_cache, inp)
-            jax.block_until_ready(self._jit_sample(logits, sampling))
+            self.kv_cache, logits, _ = self.pipeline.forward(self.kv_cache, self._empty_input(T))
+            jax.block_until_ready(self._jit_sample(logits, self._empty_sampling(self.rows_for(T))))
         logger.info("compiled %d token buckets %s over %d pipeline stages in %.1f s",
                     len(self.buckets), self.buckets, self.pp, time.perf_counter() - start)
 
@@ -324,9 +321,7 @@ class ModelRunner:
             sharding = NamedSharding(self.mesh, P()) if self.mesh is not None else None
             logits = jax.ShapeDtypeStruct((size, self.cfg.vocab_size), jnp.float32,
                                           sharding=sharding)
-            md = build_sampling_metadata([], size, self.eos_token_ids, self.max_model_len,
-                                         self.cfg.vocab_size)
-            return self._jit_sample.lower(logits, md)
+            return self._jit_sample.lower(logits, self._empty_sampling(size))
 
     @property
     def num_compiled(self) -> int:
@@ -335,6 +330,11 @@ class ModelRunner:
                 + self._jit_sample._cache_size())
 
     # ---- host side ----------------------------------------------------------------------
+    def _empty_sampling(self, rows: int) -> SamplingMetadata:
+        """Sampling metadata of `rows` rows and no sequence (compiling, warm-up, templates)."""
+        return build_sampling_metadata([], rows, self.eos_token_ids, self.max_model_len,
+                                       self.cfg.vocab_size)
+
     def _empty_input(self, T: int) -> ForwardInput:
         S = self.rows_for(T)
         md = AttentionMetadata(np.zeros(S, np.int32), np.zeros(S * self.pages_per_seq, np.int32),

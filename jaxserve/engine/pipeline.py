@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxserve.models.layers import AttentionMetadata, LayerContext, rope_cos_sin
+from jaxserve.models.layers import AttentionMetadata, run_layers
 from jaxserve.sharding.placement import Placement, dotted
 from jaxserve.sharding.stages import head_stage, stage_of
 
@@ -95,8 +95,7 @@ class Pipeline:
         self.states = parts
         self.abstract = [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), p)
                          for p in parts]
-        self.tied = model.config.tie_word_embeddings
-        self.head_stage = head_stage(self.tied, self.pp)
+        self.head_stage = head_stage(model.config.tie_word_embeddings, self.pp)
         self._stage_fns = [jax.jit(functools.partial(self._stage, s), donate_argnums=(1,))
                            for s in range(self.pp)]
         self._head = head
@@ -116,11 +115,10 @@ class Pipeline:
         states out (final-normed on the last stage)."""
         model = self._model(stage, state).model
         start, end = self.stages[stage]
-        cos, sin = rope_cos_sin(positions, model.inv_freq)
-        ctx = LayerContext(cos=cos, sin=sin, md=md, backend=model.attention_backend)
         h = model.embed(x) if stage == 0 else x
-        for i in range(start, end):
-            h, kv_cache = model.layers[i](h, ctx, kv_cache, i - start, model.windows[i])
+        # The stage's cache holds its own layers: layer `start` is its layer 0.
+        h, kv_cache = run_layers(model.layers[start:end], h, model.context(positions, md),
+                                 kv_cache, model.windows[start:end])
         if stage == self.pp - 1:
             h = model.norm(h)
         return kv_cache, h

@@ -12,9 +12,7 @@ import dataclasses
 import logging
 
 import jax
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from jaxserve.config import ModelConfig
 from jaxserve.engine.block_manager import BlockManager
@@ -63,24 +61,12 @@ def device_ids(placement: Placement) -> list[int]:
     return [d.id for d in placement.mesh.devices.flat]
 
 
-def copy_model(model: nnx.Module, src: Placement, dst: Placement) -> nnx.Module:
-    """`model` (on `src`'s devices) with every array copied, device to device, to the device in
-    the same place of `dst`'s mesh, split the same way (pipeline stages included): the weights
-    are read from the checkpoint once, for replica 0."""
-    moved = dict(zip(src.mesh.devices.flat, dst.mesh.devices.flat, strict=True))
-
-    def target(x: jax.Array):
-        s = x.sharding
-        if isinstance(s, NamedSharding):
-            grid = np.array([moved[d] for d in s.mesh.devices.flat], dtype=object)
-            return NamedSharding(Mesh(grid.reshape(s.mesh.devices.shape), s.mesh.axis_names),
-                                 s.spec, memory_kind=s.memory_kind)
-        if len(s.device_set) == 1:
-            return SingleDeviceSharding(moved[next(iter(s.device_set))])
-        raise TypeError(f"cannot copy an array with {s=} to another replica")
-
+def copy_model(model: nnx.Module, placement: Placement) -> nnx.Module:
+    """`model` with every array copied, device to device, into its sharding on `placement`'s
+    devices (pipeline stages included): the weights are read from the checkpoint once, for
+    replica 0."""
     graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.device_put(state, jax.tree.map(target, state)))
+    return nnx.merge(graphdef, jax.device_put(state, placement.shardings(state)))
 
 
 def pick_replica(replicas: list[Replica]) -> Replica:
