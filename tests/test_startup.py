@@ -47,10 +47,36 @@ def test_second_start_loads_every_executable(engine_args, tmp_path):
     assert second.engine.runner._jit_forward._cache_size() == 0
 
 
-def test_a_changed_shape_is_a_new_key(engine_args):
-    a = LLM(**engine_args).engine.runner.executable_cache.key
-    b = LLM(**{**engine_args, "max_num_seqs": 4}).engine.runner.executable_cache.key
-    assert a != b
+def test_executables_are_keyed_by_their_own_shapes(engine_args):
+    """--max-num-seqs changes the rows of the larger buckets only: the others still load (the
+    KV cache keeps its size here; on CPU its default size follows --max-num-seqs)."""
+    engine_args = {**engine_args, "num_gpu_blocks_override": 192}
+    first = LLM(**engine_args)
+    expected = _generate(first)
+    llm = LLM(**{**engine_args, "max_num_seqs": 4})
+    runner = llm.engine.runner
+    assert runner.executable_cache.key == first.engine.runner.executable_cache.key
+    # forward-1/2/4 and sample-1/2/4 have the shapes they had; forward-8/16 do not
+    assert runner.num_loaded == 6
+    assert _generate(llm) == expected
+
+
+def test_executables_built_by_other_versions_are_compiled_again(engine_args, monkeypatch,
+                                                                 caplog):
+    from jaxserve.engine import executable_cache
+
+    expected = _generate(LLM(**engine_args))
+    real = executable_cache.versions()
+    monkeypatch.setattr(executable_cache, "versions", lambda: {**real, "jax": "0.0.1"})
+    with caplog.at_level(logging.WARNING, logger="jaxserve.engine.executable_cache"):
+        llm = LLM(**engine_args)
+    assert "it was built by" in caplog.text and "0.0.1" in caplog.text
+    assert llm.engine.runner.num_loaded == 0
+    assert _generate(llm) == expected
+    # stored again by this version: the next start (same version) loads them all
+    again = LLM(**engine_args)
+    assert again.engine.runner.num_loaded == len(again.engine.runner._forward_exe) + len(
+        again.engine.runner._sample_exe)
 
 
 def test_a_torn_entry_is_compiled_again(engine_args, tmp_path, caplog):

@@ -1,10 +1,17 @@
 """Compiled step executables kept on disk, so a warm start skips tracing as well as compiling.
 
 JAX's persistent compilation cache is keyed by the lowered program, so finding an entry still means
-tracing the model for every bucket (seconds at start-up). This cache is keyed instead by everything
-the program is derived from: jaxserve's own source, the jax/jaxlib versions, the devices, XLA_FLAGS,
-the model config, the dtypes and every shape the engine fixes at start-up. Any of those changing
-gives a new key, and the buckets are traced and compiled as usual (and stored under the new key).
+tracing the model for every bucket (seconds at start-up). This cache is keyed instead by what the
+program is derived from: a folder per jaxserve source, device kind, XLA_FLAGS, model config,
+dtypes and mesh; in it, one file per executable named by the shapes of its own inputs. A flag
+that changes some buckets' shapes (`--max-num-seqs` changes the rows of the larger buckets) leaves
+the other executables where the next start finds them.
+
+Each entry is stamped with the versions of jax, jaxlib and the compiler plugins that built it. An
+entry built by other versions is refused with a message, and that executable is compiled again
+(and stored over it): never loaded, never a crash. `jaxserve compile --target` writes entries for
+a TPU slice or GPU this machine does not have; `jaxserve serve` on that hardware, with the same
+jaxserve and jax, finds them here (see README, "Check that a model fits before renting").
 
 Set `JAXSERVE_EXECUTABLE_CACHE=0` to turn it off. Entries are pickles of what
 `jax.experimental.serialize_executable` produces, with the ids of the devices the executable runs
@@ -16,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -86,72 +94,110 @@ def enabled() -> bool:
 MAX_KEYS = int(os.environ.get("JAXSERVE_EXECUTABLE_CACHE_KEYS", "16"))
 
 
+def versions() -> dict[str, str | None]:
+    """What built an executable: jax, jaxlib and the compiler plugins."""
+    import jaxlib
+
+    from jaxserve.engine.targets import plugin_versions
+
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, **plugin_versions()}
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:24]
+
+
 class ExecutableCache:
-    """`load(name)` / `store(name, compiled)` under `root/<key>`, the key derived from `parts`."""
+    """`load(name, shapes)` / `store(name, shapes, compiled)` under `root/<key>`, the key derived
+    from `parts` and the devices, each entry's file from its name and input shapes."""
 
-    def __init__(self, root: str, parts: dict[str, Any]):
-        import jaxlib
-
-        devices = jax.devices()
+    def __init__(self, root: str, parts: dict[str, Any], devices: list | None = None):
+        devices = list(devices or jax.devices())
         ident = {
             "source": source_fingerprint(),
-            "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__,
             "devices": [(d.platform, d.device_kind) for d in devices],
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "x64": jax.config.jax_enable_x64,
             "matmul_precision": str(jax.config.jax_default_matmul_precision),
             **parts,
         }
-        self.key = hashlib.sha256(repr(sorted(ident.items())).encode()).hexdigest()[:24]
+        self.key = _digest(sorted(ident.items()))
         self.root = root
         self.folder = os.path.join(root, self.key)
+        self.devices = devices
+        self.stamp = versions()
 
-    def _path(self, name: str) -> str:
-        return os.path.join(self.folder, f"{name}.pkl")
+    def _path(self, name: str, shapes: Any, ext: str = "pkl") -> str:
+        return os.path.join(self.folder, f"{name}-{_digest(shapes)}.{ext}")
 
-    def load(self, name: str):
-        """The executable stored under `name`, or None (absent, or unreadable: then it is
-        dropped and compiled again)."""
+    def load(self, name: str, shapes: Any):
+        """The executable stored under `name` for these input shapes, or None (absent, built by
+        other versions, or unreadable: then it is compiled again)."""
         from jax.experimental.serialize_executable import deserialize_and_load
 
-        path = self._path(name)
+        path = self._path(name, shapes)
         if not os.path.exists(path):
             return None
         with contextlib.suppress(OSError):
             os.utime(self.folder)  # recently used: pruned last
         try:
             with open(path, "rb") as f:
-                payload, in_tree, out_tree, device_ids = pickle.load(f)
+                entry = pickle.load(f)
+            if not isinstance(entry, dict) or entry.get("stamp") != self.stamp:
+                built = entry.get("stamp") if isinstance(entry, dict) else "an older jaxserve"
+                logger.warning("not loading cached executable %s: it was built by %s, this is "
+                               "%s; compiling it again", path, built, self.stamp)
+                return None
             # NOTE: without its devices, an executable loads onto all of the backend's: a
             # one-device step then wants a shard per device, and a mesh's aborts the process.
-            by_id = {d.id: d for d in jax.devices()}
-            return deserialize_and_load(payload, in_tree, out_tree,
-                                        execution_devices=[by_id[i] for i in device_ids])
+            by_id = {d.id: d for d in self.devices}
+            return deserialize_and_load(entry["payload"], entry["in_tree"], entry["out_tree"],
+                                        execution_devices=[by_id[i] for i in entry["devices"]])
         except Exception as e:  # noqa: BLE001 (a stale or torn entry must never stop start-up)
             logger.warning("ignoring cached executable %s: %s: %s", path, type(e).__name__, e)
-            try:
+            with contextlib.suppress(OSError):
                 os.remove(path)
-            except OSError:
-                pass
             return None
 
-    def store(self, name: str, compiled) -> None:
+    def store(self, name: str, shapes: Any, compiled) -> None:
         from jax.experimental.serialize_executable import serialize
 
-        path = self._path(name)
         try:
-            devices = compiled.runtime_executable().local_devices()  # in assignment order
-            data = pickle.dumps((*serialize(compiled), [d.id for d in devices]))
-            if not os.path.isdir(self.folder):
-                os.makedirs(self.folder, exist_ok=True)
-                self.prune()
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)  # atomic: a concurrent start-up never reads half a file
+            try:  # the devices in assignment order
+                devices = [d.id for d in compiled.runtime_executable().local_devices()]
+            except Exception:  # noqa: BLE001 (compiled for a target: no runtime devices)
+                devices = [d.id for d in self.devices]
+            payload, in_tree, out_tree = serialize(compiled)
+            self._write(self._path(name, shapes), pickle.dumps(
+                {"stamp": self.stamp, "payload": payload, "in_tree": in_tree,
+                 "out_tree": out_tree, "devices": devices}))
         except Exception as e:  # noqa: BLE001 (caching is an optimisation; serving goes on)
             logger.warning("could not cache executable %s: %s: %s", name, type(e).__name__, e)
+
+    def load_profile(self, shapes: Any) -> dict | None:
+        """The memory the step measured at these shapes (engine/memory_plan.py), if stored."""
+        try:
+            with open(self._path("profile", shapes, "json")) as f:
+                entry = json.load(f)
+            return entry["step"] if entry.get("stamp") == self.stamp else None
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def store_profile(self, shapes: Any, step: dict) -> None:
+        try:
+            self._write(self._path("profile", shapes, "json"),
+                        json.dumps({"stamp": self.stamp, "step": step}).encode())
+        except OSError as e:
+            logger.warning("could not cache the step's memory profile: %s", e)
+
+    def _write(self, path: str, data: bytes) -> None:
+        if not os.path.isdir(self.folder):
+            os.makedirs(self.folder, exist_ok=True)
+            self.prune()
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # atomic: a concurrent start-up never reads half a file
 
     def prune(self, keep: int | None = None) -> None:
         """Remove all but the `keep` (MAX_KEYS) most recently used key folders."""

@@ -130,7 +130,8 @@ class LLMEngine:
                                  enforce_eager=args.enforce_eager, kv_cache_dtype=kv_dtype,
                                  compile_sizes=args.compile_sizes,
                                  executable_cache_dir=os.path.join(cache_dir, "executables"),
-                                 cache_key=cache_key, placement=placement)
+                                 cache_key=cache_key, placement=placement,
+                                 attention_backend=self.attention_backend)
             runner.prefetch_executables()  # while the weights load
             runners.append(runner)
         model = load_model(source, model_cfg, self.dtype, args.load_format, args.seed,

@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from tqdm.auto import tqdm
 
 from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig
-from jaxserve.engine import distributed, executable_cache
+from jaxserve.engine import distributed, executable_cache, memory_plan
 from jaxserve.engine.sampler import SamplerOutput, SamplingMetadata, compute_logprobs, sample
 from jaxserve.engine.pipeline import Pipeline
 from jaxserve.engine.sampling_metadata import build_sampling_metadata
@@ -32,6 +32,7 @@ from jaxserve.engine.scheduler import SchedulerOutput
 from jaxserve.kernels_pallas import init_kv_cache
 from jaxserve.kernels_pallas.quant import kv_bytes_per_token_head
 from jaxserve.models.layers import AttentionMetadata
+from jaxserve.models.weights import abstract_model
 from jaxserve.sampling_params import MAX_LOGPROBS
 from jaxserve.sharding.placement import Placement
 from jaxserve.sharding.rules import kv_cache_spec
@@ -76,25 +77,9 @@ def token_buckets(max_tokens: int, min_bucket: int,
 
 
 def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype) -> int:
+    """Bytes one page of every layer's K/V takes (all heads, one device)."""
     per_token_head = kv_bytes_per_token_head(cfg.head_dim, dtype)
     return cfg.num_layers * page_size * 2 * cfg.num_kv_heads * per_token_head
-
-
-def num_kv_pages(cfg: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, dtype) -> int:
-    """Pages for the KV cache: the override, the byte budget, or free device memory."""
-    per_page = kv_bytes_per_page(cfg, cache.block_size, dtype)
-    pages_per_seq = -(-sched.max_model_len // cache.block_size)
-    if cache.num_gpu_blocks_override:
-        return cache.num_gpu_blocks_override
-    if cache.kv_cache_memory_bytes:
-        return max(1, cache.kv_cache_memory_bytes // per_page)
-    device = jax.devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        free = stats["bytes_limit"] * cache.gpu_memory_utilization - stats.get("bytes_in_use", 0)
-        return max(pages_per_seq, int(free // per_page))
-    # CPU: enough for every sequence at full length, at most 4 GiB (vLLM-CPU's default KV space).
-    return max(pages_per_seq, min(sched.max_num_seqs * pages_per_seq, (4 << 30) // per_page))
 
 
 class PendingStep(NamedTuple):
@@ -114,7 +99,11 @@ class ModelRunner:
                  scheduler_config: SchedulerConfig, dtype, *, enforce_eager: bool = False,
                  kv_cache_dtype=None, compile_sizes: tuple[int, ...] | None = None,
                  executable_cache_dir: str | None = None, cache_key: dict | None = None,
-                 placement: Placement | None = None):
+                 placement: Placement | None = None, attention_backend: str = "ref",
+                 device=None, target=None, allocate: bool = True):
+        """`device`: the one device without a `placement` (default: the first). `target`: a
+        compile target (engine/targets.py) whose compile-only devices these are; with
+        `allocate=False` nothing is placed on a device (plan and compile only)."""
         self.cfg = model_config
         # Pipeline parallelism: stages on their own devices (set up in `attach`).
         self.placement = placement
@@ -123,32 +112,26 @@ class ModelRunner:
         # NOTE: the mesh the step runs on (None: one device). Tracing happens under it, so that
         # attention splits over its model axis (sharding/attention.py).
         self.mesh = placement.mesh if placement is not None else None
+        self.device = self.mesh.devices.flat[0] if self.mesh is not None else (
+            device or jax.devices()[0])
+        self.target = target
         self.page_size = cache_config.block_size
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_model_len = scheduler_config.max_model_len
         self.pages_per_seq = -(-self.max_model_len // self.page_size)
-        kv_dtype = kv_cache_dtype or dtype
-        self.num_pages = num_kv_pages(model_config, cache_config, scheduler_config, kv_dtype)
+        self.kv_dtype = kv_dtype = kv_cache_dtype or dtype
         self.eos_token_ids = tuple(model_config.eos_token_ids)
-        min_bucket = 1 if jax.default_backend() == "cpu" else 16
+        min_bucket = 1 if self.device.platform == "cpu" else 16
         self.buckets = token_buckets(scheduler_config.max_num_batched_tokens, min_bucket,
                                      compile_sizes)
         self.enforce_eager = enforce_eager
-        # What the compiled step depends on besides jaxserve's source and the devices: the key
-        # of the executable cache, and what every node of a multi-host group must agree on.
-        self.step_key = {
-            **(cache_key or {}), "model": repr(model_config), "dtype": jnp.dtype(dtype).name,
-            "kv_dtype": jnp.dtype(kv_dtype).name, "num_pages": self.num_pages,
-            "page_size": self.page_size, "max_num_seqs": self.max_num_seqs,
-            "max_model_len": self.max_model_len, "buckets": tuple(self.buckets),
-            "mesh": dict(self.mesh.shape) if self.mesh is not None else None,
-        }
-        self.executable_cache = None
-        # NOTE: pipeline stages are several executables per bucket; they are not stored.
-        if executable_cache_dir and executable_cache.enabled() and self.pp == 1:
-            self.executable_cache = executable_cache.ExecutableCache(executable_cache_dir,
-                                                                     self.step_key)
-        self.kv_dtype = kv_dtype
+        # The model's structure and its parameters as shapes with shardings: the step is
+        # planned and compiled from these, before (or without) any weight on a device.
+        self.graphdef, state = nnx.split(abstract_model(model_config, dtype, attention_backend))
+        self.abstract_state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+            placement.shardings(state) if placement is not None
+            else jax.tree.map(lambda _: SingleDeviceSharding(self.device), state))
         self._jit_forward = jax.jit(self._forward, donate_argnums=(1,))
         self._jit_sample = jax.jit(sample)
         self._forward_exe: dict[int, object] = {}  # token bucket -> executable
@@ -156,14 +139,104 @@ class ModelRunner:
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
                                         thread_name_prefix="jaxserve-compile")
         self._loads: dict[str, Future] = {}  # executable name -> its load from the cache
-        # NOTE: zeroing a multi-GiB cache takes seconds on CPU; it runs on a background thread
-        # (XLA releases the GIL) while the weights load, and `attach` waits for it.
-        self._kv_future = self._pool.submit(self._init_kv_cache)
+        # What the compiled step depends on besides its shapes, jaxserve's source and the
+        # devices: the key of the executable cache, and what every node of a multi-host group
+        # must agree on.
+        self.step_key = {
+            **(cache_key or {}), "model": repr(model_config), "dtype": jnp.dtype(dtype).name,
+            "kv_dtype": jnp.dtype(kv_dtype).name, "page_size": self.page_size,
+            "mesh": dict(self.mesh.shape) if self.mesh is not None else None,
+        }
+        self.executable_cache = None
+        # NOTE: pipeline stages are several executables per bucket; they are not stored.
+        if executable_cache_dir and executable_cache.enabled() and self.pp == 1:
+            self.executable_cache = executable_cache.ExecutableCache(
+                executable_cache_dir, self.step_key, self._devices())
+        self.plan = self._plan_memory(cache_config)
+        self.num_pages = self.plan.num_pages
+        self.step_key["num_pages"] = self.num_pages
         self.num_steps = 0
         self.num_loaded = 0  # executables loaded from the executable cache at start-up
-        # Multi-host: node 0 sends each step to the other nodes, which run it too (None in one
-        # process; see engine/distributed.py).
-        self.lockstep = distributed.connect(self)
+        self.lockstep = None
+        self._kv_future = None
+        if allocate:
+            # NOTE: zeroing a multi-GiB cache takes seconds on CPU; it runs on a background
+            # thread (XLA releases the GIL) while the weights load, and `attach` waits for it.
+            self._kv_future = self._pool.submit(self._init_kv_cache)
+            # Multi-host: node 0 sends each step to the other nodes, which run it too (None in
+            # one process; see engine/distributed.py).
+            self.lockstep = distributed.connect(self)
+
+    def _devices(self) -> list:
+        return list(self.mesh.devices.flat) if self.mesh is not None else [self.device]
+
+    # ---- memory ------------------------------------------------------------------------------
+    def _plan_memory(self, cache: CacheConfig) -> memory_plan.MemoryPlan:
+        """Size the KV cache from the per-device memory plan (engine/memory_plan.py)."""
+        one_page = self._abstract_cache(1)
+        kv_per_page = memory_plan.bytes_per_device(one_page)
+        step = None
+        if not (cache.num_gpu_blocks_override or cache.kv_cache_memory_bytes):
+            step = self._profile_step()
+        plan = memory_plan.plan_memory(
+            device=f"{self.target.name}: {self.target.description}" if self.target else
+            f"{self.device.platform} {self.device.device_kind}",
+            capacity=memory_plan.device_capacity(self.device, self.target),
+            utilization=cache.gpu_memory_utilization,
+            weights=memory_plan.bytes_per_device(self.abstract_state), step=step,
+            kv_per_page=kv_per_page, page_size=self.page_size, pages_per_seq=self.pages_per_seq,
+            max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
+            cpu=self.device.platform == "cpu",
+            num_pages_override=cache.num_gpu_blocks_override,
+            kv_cache_memory_bytes=cache.kv_cache_memory_bytes)
+        return plan
+
+    def _profile_step(self) -> memory_plan.StepMemory | None:
+        """The step's temporaries at the largest bucket, compiled against a small cache (the
+        cache is donated, so its size does not change them); remembered in the executable
+        cache. None for pipeline stages (compiled per stage, not measured)."""
+        if self.pp > 1:
+            return None
+        T = self.buckets[-1]
+        rows = self.rows_for(T)
+        small = self._abstract_cache(self.pages_per_seq + 1)
+        shapes = self._shapes(small, self._abstract_input(T), self._abstract_sampling(rows))
+        cache = self.executable_cache
+        if cache is not None and (known := cache.load_profile(shapes)) is not None:
+            return memory_plan.StepMemory(**known)
+        start = time.perf_counter()
+        with self._on_mesh():
+            forward = self._jit_forward.lower(self.abstract_state, small,
+                                              self._abstract_input(T))
+        sampler = cache.load(f"sample-{rows}", self._shapes_of("sample", rows)) if cache \
+            else None
+        # NOTE: the sampler does not depend on the cache: it is kept (and stored), so it is
+        # compiled as `compile_all` compiles what it stores.
+        with executable_cache.fresh_compiles() if cache else contextlib.nullcontext():
+            jobs = [forward] if sampler is not None else [forward, self._lower(False, rows)]
+            futures = [self._pool.submit(x.compile) for x in jobs]
+            forward, *compiled = (f.result() for f in futures)
+        if compiled:
+            sampler = compiled[0]
+            if cache is not None:
+                cache.store(f"sample-{rows}", self._shapes_of("sample", rows), sampler)
+        self._sample_exe[rows] = sampler
+        step = memory_plan.StepMemory.measure(forward, sampler)
+        logger.info("profiled the step at %d tokens in %.1f s: %.1f MiB of activations, %.1f "
+                    "MiB of logits and sampler buffers per device", T,
+                    time.perf_counter() - start, step.activations / 2**20, step.sampler / 2**20)
+        if cache is not None:
+            cache.store_profile(shapes, step.__dict__)
+        return step
+
+    def _abstract_cache(self, num_pages: int):
+        """The KV cache (a stage's list under pipeline parallelism) as shapes with shardings."""
+        if self.mesh is None:
+            return self._new_cache(self.cfg.num_layers, num_pages=num_pages, abstract=True)
+        if self.pp > 1:
+            return [self._new_cache(end - start, self.placement.stage_mesh(s), num_pages, True)
+                    for s, (start, end) in enumerate(self.placement.stages)]
+        return self._new_cache(self.cfg.num_layers, self.mesh, num_pages, True)
 
     def _init_kv_cache(self):
         if self.mesh is None:
@@ -174,20 +247,27 @@ class ModelRunner:
                 for s, (start, end) in enumerate(self.placement.stages)])
         return jax.block_until_ready(self._new_cache(self.cfg.num_layers, self.mesh))
 
-    def _new_cache(self, num_layers: int, mesh: Mesh | None = None):
-        """A zeroed cache of `num_layers` layers; on a mesh each device zeroes only its own KV
-        heads."""
+    def _new_cache(self, num_layers: int, mesh: Mesh | None = None,
+                   num_pages: int | None = None, abstract: bool = False):
+        """A zeroed cache of `num_layers` layers (`abstract`: its shapes and shardings only);
+        on a mesh each device zeroes only its own KV heads."""
         cfg = self.cfg
+        num_pages = num_pages or self.num_pages
 
         def init():
-            return init_kv_cache(self.num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim,
+            return init_kv_cache(num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim,
                                  self.kv_dtype, num_layers=num_layers)
 
+        shapes = jax.eval_shape(init)
         if mesh is None:
-            return init()
-        spec = kv_cache_spec(jax.eval_shape(init), stacked=True)
-        shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), spec,
-                                 is_leaf=lambda x: isinstance(x, P))
+            shardings = jax.tree.map(lambda _: SingleDeviceSharding(self.device), shapes)
+        else:
+            spec = kv_cache_spec(shapes, stacked=True)
+            shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), spec,
+                                     is_leaf=lambda x: isinstance(x, P))
+        if abstract:
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                shapes, shardings)
         return jax.jit(init, out_shardings=shardings)()
 
     def _on_mesh(self):
@@ -197,24 +277,23 @@ class ModelRunner:
     def prefetch_executables(self) -> None:
         """Start loading cached executables on background threads (while the weights load)."""
         if self.executable_cache and not self.enforce_eager:
-            for _, name, _ in self._executables():
-                self._loads[name] = self._pool.submit(self.executable_cache.load, name)
+            for _, name, size in self._executables():
+                if size not in self._sample_exe or not name.startswith("sample"):
+                    self._loads[name] = self._pool.submit(self.executable_cache.load, name,
+                                                          self._shapes_of(name, size))
 
     def attach(self, model: nnx.Module) -> None:
         """Take the model's parameters and allocate the KV cache."""
-        cfg = self.cfg
         self.graphdef, self.state = nnx.split(model)
         self.kv_cache = self._kv_future.result()
         if self.pp > 1:
             self.pipeline = Pipeline(self.graphdef, self.state, self.placement, self._head,
                                      num_micro_batches=self.pp)
         capacity = self.num_pages * self.page_size
-        logger.info("KV cache: %d pages of %d tokens = %d tokens (%.2f GiB, %s); maximum "
-                    "concurrency at max_model_len %d: %.2fx", self.num_pages, self.page_size,
-                    capacity,
-                    self.num_pages * kv_bytes_per_page(cfg, self.page_size, self.kv_dtype)
-                    / 2**30, jnp.dtype(self.kv_dtype).name,
-                    self.max_model_len, capacity / self.max_model_len)
+        logger.info("KV cache: %d pages of %d tokens = %d tokens (%s); maximum concurrency at "
+                    "max_model_len %d: %.2fx\n%s", self.num_pages, self.page_size, capacity,
+                    jnp.dtype(self.kv_dtype).name, self.max_model_len,
+                    capacity / self.max_model_len, self.plan.describe())
 
     # ---- compiled functions ----------------------------------------------------------------
     # NOTE: two executables per step: the forward for the token bucket, and the sampler for the
@@ -260,31 +339,43 @@ class ModelRunner:
         return ([(self._forward_exe, f"forward-{b}", b) for b in self.buckets]
                 + [(self._sample_exe, f"sample-{r}", r) for r in rows])
 
-    def compile_all(self) -> None:
-        """Compile every bucket ahead of time, with a progress bar (skipped with enforce_eager).
+    def _shapes_of(self, name: str, size: int) -> tuple:
+        """What an executable's inputs look like besides the parameters (its cache key)."""
+        if name.startswith("forward"):
+            return self._shapes(self._abstract_cache(self.num_pages), self._abstract_input(size))
+        return self._shapes(self._abstract_sampling(size))
+
+    @staticmethod
+    def _shapes(*trees) -> tuple:
+        return tuple((x.shape, jnp.dtype(x.dtype).name) for x in jax.tree.leaves(trees))
+
+    def compile_all(self) -> float:
+        """Compile every bucket ahead of time, with a progress bar (skipped with enforce_eager);
+        returns the seconds it took.
 
         Executables stored by an earlier start with the same key are loaded instead (no tracing;
         see `prefetch_executables`); the rest are traced here and compiled on a thread per core
-        (XLA releases the GIL), then stored for the next start.
+        (XLA releases the GIL), then stored for the next start. Each is compiled from shapes
+        (the abstract parameters and cache), so compiling needs no weight on a device.
         """
         if self.enforce_eager:
             logger.info("--enforce-eager: buckets compile lazily on first use")
             self._pool.shutdown(wait=False)
-            return
+            return 0.0
         if self.pipeline is not None:
-            self._warm_up_pipeline()
-            return
+            return self._warm_up_pipeline()
         start = time.perf_counter()
         cache = self.executable_cache
         if cache and not self._loads:
             self.prefetch_executables()
         wanted = self._executables()
-        jobs = []
+        jobs, loaded = [], 0
         for table, name, size in wanted:
             load = self._loads.pop(name, None)
             if load is not None and (exe := load.result()) is not None:
                 table[size] = exe
-            else:
+                loaded += 1
+            elif size not in table:
                 jobs.append((table, name, size))
         # NOTE: what we store must be compiled afresh (see `executable_cache.fresh_compiles`).
         with executable_cache.fresh_compiles() if cache and jobs else contextlib.nullcontext():
@@ -294,16 +385,32 @@ class ModelRunner:
                                                     desc="Compiling buckets", unit="executable"):
                 table[size] = future.result()
                 if cache:
-                    cache.store(name, table[size])
+                    cache.store(name, self._shapes_of(name, size), table[size])
         self._pool.shutdown(wait=False)
-        self.num_loaded = len(wanted) - len(jobs)
+        self._check_plan()
+        self.num_loaded = loaded
+        seconds = time.perf_counter() - start
         logger.info("compiled %d token buckets %s and %d sampler row buckets %s in %.1f s "
                     "(%d of %d executables loaded from %s)", len(self.buckets), self.buckets,
-                    len(wanted) - len(self.buckets), sorted(self._sample_exe),
-                    time.perf_counter() - start, len(wanted) - len(jobs), len(wanted),
+                    len(wanted) - len(self.buckets), sorted(self._sample_exe), seconds,
+                    loaded, len(wanted),
                     cache.folder if cache else "nowhere: the executable cache is off")
+        return seconds
 
-    def _warm_up_pipeline(self) -> None:
+    def _check_plan(self) -> None:
+        """The compiled buckets' memory against the plan: the profile was taken against a small
+        cache, and no bucket may need more than it measured."""
+        if self.plan.step is None:
+            return
+        forward = max(memory_plan.StepMemory.measure(self._forward_exe[T],
+                                                     self._sample_exe[self.rows_for(T)])
+                      .activations for T in self.buckets)
+        if forward > self.plan.step.activations * 1.05 + (16 << 20):
+            logger.warning("a compiled bucket needs %.1f MiB of activations per device, more "
+                           "than the %.1f MiB the memory plan measured", forward / 2**20,
+                           self.plan.step.activations / 2**20)
+
+    def _warm_up_pipeline(self) -> float:
         """Pipeline stages compile on first use: run every bucket once on an empty batch (no
         real token, nothing written), so that no request waits for a compile."""
         self._pool.shutdown(wait=False)
@@ -311,17 +418,36 @@ class ModelRunner:
         for T in tqdm(self.buckets, desc="Compiling buckets (pipeline stages)", unit="bucket"):
             self.kv_cache, logits, _ = self.pipeline.forward(self.kv_cache, self._empty_input(T))
             jax.block_until_ready(self._jit_sample(logits, self._empty_sampling(self.rows_for(T))))
+        seconds = time.perf_counter() - start
         logger.info("compiled %d token buckets %s over %d pipeline stages in %.1f s",
-                    len(self.buckets), self.buckets, self.pp, time.perf_counter() - start)
+                    len(self.buckets), self.buckets, self.pp, seconds)
+        return seconds
+
+    def _replicated(self):
+        return NamedSharding(self.mesh, P()) if self.mesh is not None else \
+            SingleDeviceSharding(self.device)
+
+    def _abstract(self, tree):
+        """Host inputs as shapes placed (replicated) on the step's devices."""
+        sharding = self._replicated()
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                                           sharding=sharding), tree)
+
+    def _abstract_input(self, T: int):
+        return self._abstract(self._empty_input(T))
+
+    def _abstract_sampling(self, rows: int):
+        return self._abstract(self._empty_sampling(rows))
 
     def _lower(self, forward: bool, size: int):
         with self._on_mesh():
             if forward:
-                return self._jit_forward.lower(self.state, self.kv_cache, self._empty_input(size))
-            sharding = NamedSharding(self.mesh, P()) if self.mesh is not None else None
+                return self._jit_forward.lower(self.abstract_state,
+                                               self._abstract_cache(self.num_pages),
+                                               self._abstract_input(size))
             logits = jax.ShapeDtypeStruct((size, self.cfg.vocab_size), jnp.float32,
-                                          sharding=sharding)
-            return self._jit_sample.lower(logits, self._empty_sampling(size))
+                                          sharding=self._replicated())
+            return self._jit_sample.lower(logits, self._abstract_sampling(size))
 
     @property
     def num_compiled(self) -> int:
