@@ -7,8 +7,29 @@
 from __future__ import annotations
 
 import importlib
+import os
 
 __version__ = "0.1.0"
+
+
+def _add_source_tree_folders() -> None:
+    """From a source checkout, let `jaxserve.models`, `jaxserve.sharding` and
+    `jaxserve.kernels_pallas` resolve to the top-level `models/`, `sharding/` and `kernels_pallas/`.
+
+    pyproject's `package-dir` maps them there; an installed wheel holds them inside this package
+    and the editable install's finder maps them, but Python run from the checkout's root finds this
+    folder through the working directory first, and nothing maps the three then.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    if (not os.path.isdir(os.path.join(here, "models"))
+            and os.path.isfile(os.path.join(root, "models", "__init__.py"))
+            and os.path.isfile(os.path.join(root, "pyproject.toml"))
+            and root not in __path__):
+        __path__.append(root)  # NOTE: only the three folders are packages there
+
+
+_add_source_tree_folders()
 
 _LAZY = {
     "LLM": "jaxserve.entrypoints.llm",
