@@ -6,8 +6,9 @@ with the names and `[out, in]` layouts of HF checkpoints; `models/weights.py` ho
 from those names to the model's parameters (MoE experts come one tensor per expert, or fused as in
 `transformers`' own state dict). Nothing here downloads silently: hub ids are looked up in
 `download_dir` and the local HF cache, and fetched only when `HF_HUB_OFFLINE` is unset (with a log
-line saying so). Torch is needed only for `.bin` checkpoints; transformers only for tokenizers and
-for the HF config of a GGUF file.
+line saying so). Torch is needed only for `.bin` checkpoints (and for GGUF tokenizers other than
+byte-level BPE, see `gguf_tokenizer.py`); transformers for tokenizers and the HF config of a GGUF
+file.
 
 Dtypes: safetensors tensors keep their stored dtype (bf16 becomes `ml_dtypes.bfloat16`, which JAX
 takes as is; `.astype(np.float32)` is exact) and are zero-copy, read-only views of a memory map.
@@ -31,7 +32,8 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from .gguf_weights import GGUFFile, derived_cache_path
+from .gguf_tokenizer import gguf_tokenizer
+from .gguf_weights import GGUFFile
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +132,8 @@ class ModelSource:
         if key not in self._tokenizers:
             kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
             if where.endswith(".gguf"):
-                self._tokenizers[key] = _gguf_tokenizer(os.path.abspath(where), kwargs)
+                gguf = self._gguf_file() if where == self.path else GGUFFile(where)
+                self._tokenizers[key] = gguf_tokenizer(gguf, **kwargs)
             else:
                 from transformers import AutoTokenizer
 
@@ -144,46 +147,6 @@ class ModelSource:
         if not template and self.format == "gguf":
             template = self._gguf_file().field("tokenizer.chat_template")
         return template or None
-
-
-def _gguf_tokenizer(path: str, kwargs: dict[str, Any]):
-    """The tokenizer of a GGUF file. Converting its vocabulary takes seconds, so the result is
-    saved once under `~/.cache/jaxserve/tokenizers` (keyed by the file's path, size and mtime)."""
-    cached = derived_cache_path("tokenizers", path)
-    if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
-        try:
-            return _load_saved_tokenizer(cached, kwargs)
-        except (OSError, ValueError) as e:
-            logger.warning("ignoring the cached tokenizer at %s: %s", cached, e)
-    from transformers import AutoTokenizer
-
-    folder, name = os.path.split(path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, **kwargs)
-    try:
-        tmp = f"{cached}.tmp{os.getpid()}"
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, cached)
-    except OSError as e:
-        logger.warning("could not cache the GGUF tokenizer at %s: %s", cached, e)
-    return tokenizer
-
-
-def _load_saved_tokenizer(folder: str, kwargs: dict[str, Any]):
-    """A tokenizer we saved ourselves. When it is transformers' generic `TokenizersBackend` (what
-    a GGUF vocabulary converts to), that class loads it directly: `AutoTokenizer` would import
-    transformers' configuration machinery, which imports torch when it is installed (seconds)."""
-    with open(os.path.join(folder, "tokenizer_config.json")) as f:
-        tokenizer_class = json.load(f).get("tokenizer_class")
-    if tokenizer_class == "TokenizersBackend":
-        try:
-            from transformers.tokenization_utils_tokenizers import TokenizersBackend
-        except ImportError:
-            pass
-        else:
-            return TokenizersBackend.from_pretrained(folder, **kwargs)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
 def resolve_model(
