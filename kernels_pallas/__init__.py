@@ -50,9 +50,21 @@ def reads_quantized(backend: str) -> bool:
     return backend_module(backend).QUANTIZED_KV
 
 
-def runs_interpreted(backend: str) -> bool:
-    """A Pallas backend off its own platform runs in interpret mode (checked, not fast)."""
-    return backend in PALLAS_BACKENDS and default_backend() != backend
+def target_platform(platform: str | None = None) -> str:
+    """The platform a computation is built for: `platform` when given, else that of the mesh
+    being traced under (`jax.set_mesh`: a deviceless compile for a TPU slice on a CPU host
+    traces under a TPU mesh), else JAX's default backend."""
+    if platform:
+        return platform
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def runs_interpreted(backend: str, platform: str | None = None) -> bool:
+    """Whether a Pallas backend runs in interpret mode (checked, not fast): when the platform it
+    is built for (`target_platform(platform)`) is not its own. Decided per trace, so a TPU
+    target compiled on a CPU host gets the Mosaic kernel, not the interpreter."""
+    return backend in PALLAS_BACKENDS and default_backend(target_platform(platform)) != backend
 
 
 def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *,
@@ -77,4 +89,4 @@ def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, 
 
 __all__ = ["BACKENDS", "PALLAS_BACKENDS", "QuantizedKVCache", "default_backend",
            "default_page_size", "init_kv_cache", "is_quantized_dtype", "ragged_paged_attention",
-           "reads_quantized", "runs_interpreted"]
+           "reads_quantized", "runs_interpreted", "target_platform"]

@@ -85,7 +85,8 @@ def block_sizes(num_tokens: int, G: int, P: int, page_size: int, row_bytes: int,
     """Tokens per program and pages per KV block: (bq, pp). `row_bytes` is one token's K/V of
     every head in the cache (2K * H * itemsize)."""
     if block_tokens is None:
-        block_tokens = max(16, _ROWS_PER_BLOCK // G)
+        # NOTE: a multiple of 16 tokens keeps bq * G rows a multiple of Mosaic's sublane tiling.
+        block_tokens = max(16, _ROWS_PER_BLOCK // G // 16 * 16)
     bq = min(block_tokens, -(-num_tokens // 16) * 16)
     if block_pages is None:
         fit = _KV_BUFFER_BYTES // (2 * page_size * row_bytes)
@@ -160,9 +161,12 @@ def _attend(q, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, params,
     block_seqs = jnp.stack([lo, hi], axis=1).reshape(-1).astype(jnp.int32)
 
     mxu_dtype = jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32
+    # NOTE: Mosaic takes an explicit precision only on float32 operands ("Bad lhs type").
+    precision = lax.Precision.HIGHEST if mxu_dtype == jnp.float32 else lax.Precision.DEFAULT
     kernel = functools.partial(
         _kernel, K=K, G=G, bq=bq, pp=pp, page_size=page_size, P=P, sm_scale=sm_scale,
-        soft_cap=soft_cap, stacked=stacked, quantized=quantized, mxu_dtype=mxu_dtype)
+        soft_cap=soft_cap, stacked=stacked, quantized=quantized, mxu_dtype=mxu_dtype,
+        precision=precision)
     block = pl.BlockSpec((K, R, H), lambda i, *_: (0, i, 0))
     hbm = pl.BlockSpec(memory_space=pl.ANY)
     scratch = [pltpu.VMEM((2, pp, page_size, 2 * K, H), data.dtype)]
@@ -201,7 +205,7 @@ def _kernel(
     q_ref,  # f[K, R, H] (VMEM block)
     *refs,  # data_hbm f[(L,) pages, page_size, 2K, H], (scale_hbm f32[..., 2K]), o_ref f[K, R, H],
     #         kv_buf [2, pp, page_size, 2K, H], (scale_buf), sems DMA[2, 2], m, l, acc
-    K, G, bq, pp, page_size, P, sm_scale, soft_cap, stacked, quantized, mxu_dtype,
+    K, G, bq, pp, page_size, P, sm_scale, soft_cap, stacked, quantized, mxu_dtype, precision,
 ):
     if quantized:
         data_hbm, scale_hbm, o_ref, kv_buf, scale_buf, sems, m_ref, l_ref, acc_ref = refs
@@ -280,7 +284,7 @@ def _kernel(
             vv = jnp.where(v_ok, vv.reshape(C, -1).astype(jnp.float32), 0.0).astype(mxu_dtype)
             scores = lax.dot_general(
                 q_ref[h].astype(mxu_dtype), kk, (((1,), (1,)), ((), ())),
-                precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+                precision=precision, preferred_element_type=jnp.float32)
             scores = scores * sm_scale
             if soft_cap is not None:
                 scores = jnp.tanh(scores / soft_cap) * soft_cap
@@ -292,7 +296,7 @@ def _kernel(
             alpha = jnp.exp(m_prev - m_safe)  # 0 while a row has seen nothing
             l_ref[h] = l_ref[h] * alpha + p.sum(axis=1, keepdims=True)
             acc_ref[h] = acc_ref[h] * alpha + jnp.dot(
-                p.astype(mxu_dtype), vv, precision=lax.Precision.HIGHEST,
+                p.astype(mxu_dtype), vv, precision=precision,
                 preferred_element_type=jnp.float32)
             m_ref[h] = m_new
 
