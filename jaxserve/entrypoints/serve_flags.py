@@ -167,6 +167,10 @@ GROUPS: tuple[tuple[str, str, tuple[Flag, ...]], ...] = (
           const=False, default=argparse.SUPPRESS),
         F(FRONTEND, "--disable-fastapi-docs", "no /docs, /redoc or /openapi.json", SWITCH),
         F(FRONTEND, "--chat-template", "chat template file or inline Jinja (engine and server)"),
+        F(FRONTEND, "--trust-request-chat-template", "accept chat_template in requests (else "
+          "refused with a 400); renders are stopped after 5 s either way", SWITCH),
+        F(FRONTEND, "--max-request-body-bytes", "larger request bodies are refused with a 413 "
+          "(1k, 32M, ...; 0: no limit)", human_int, 32 * 1024 * 1024),
         F(FRONTEND, "--chat-template-content-format", "how message content reaches the template",
           default="auto", choices=("auto", "string", "openai")),
         F(FRONTEND, "--response-role", "role of generated chat messages", default="assistant"),
