@@ -164,34 +164,59 @@ def _client(ns: argparse.Namespace):
     return client, models[0].id
 
 
-def _print_stream(pieces: Iterable[str | None]) -> str:
-    """Write each streamed piece to stdout as it arrives; returns the whole text."""
-    text = []
-    for piece in pieces:
-        if piece:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-            text.append(piece)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    return "".join(text)
+# `jaxserve chat -q ...` must not ramble to the end of the context: vLLM's clients send no limit,
+# and the server's default is all the context left.
+CLIENT_MAX_TOKENS = 512
+
+
+def _print_stream(pieces: Iterable[str | None], text: list[str]) -> None:
+    """Write each streamed piece to stdout as it arrives, and append it to `text`."""
+    try:
+        for piece in pieces:
+            if piece:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                text.append(piece)
+    finally:  # a Ctrl-C too ends the line
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def _sampling(ns: argparse.Namespace) -> dict:
+    """The request fields `--max-tokens` and `--temperature` set (unset: the server's default)."""
+    fields = {"max_tokens": ns.max_tokens, "temperature": ns.temperature}
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _rounds(ns: argparse.Namespace, ask: Callable[[str], None], model: str) -> int:
-    """`--quick MESSAGE`: one round; otherwise one round per line of stdin until EOF."""
+    """`--quick MESSAGE`: one round; otherwise one round per line of stdin until EOF.
+
+    Ctrl-C during a reply stops it (`ask` closes its stream, which aborts the request) and
+    returns to the prompt, or exits with 130 after `--quick`; Ctrl-C or Ctrl-D at the prompt exits.
+    """
     if ns.quick is not None:
-        ask(ns.quick)
+        try:
+            ask(ns.quick)
+        except KeyboardInterrupt:
+            return 130
         return 0
-    sys.stderr.write(f"Using model {model}; one message per line, Ctrl-D to quit.\n")
+    sys.stderr.write(f"Using model {model}; one message per line, Ctrl-C stops a reply, "
+                     "Ctrl-D quits.\n")
     while True:
         sys.stderr.write("> ")
         sys.stderr.flush()
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            line = ""
         if not line:
             sys.stderr.write("\n")
             return 0
         if line.strip():
-            ask(line.rstrip("\n"))
+            try:
+                ask(line.rstrip("\n"))
+            except KeyboardInterrupt:
+                sys.stderr.write("(reply stopped)\n")
 
 
 def _chat(ns: argparse.Namespace) -> int:
@@ -200,20 +225,31 @@ def _chat(ns: argparse.Namespace) -> int:
 
     def ask(message: str) -> None:
         history.append({"role": "user", "content": message})
-        stream = client.chat.completions.create(model=model, messages=history, stream=True)
-        reply = _print_stream(c.choices[0].delta.content for c in stream if c.choices)
-        history.append({"role": "assistant", "content": reply})
+        reply: list[str] = []
+        try:
+            with client.chat.completions.create(model=model, messages=history, stream=True,
+                                                **_sampling(ns)) as stream:
+                _print_stream((c.choices[0].delta.content for c in stream if c.choices), reply)
+        except KeyboardInterrupt:
+            # NOTE: a reply stopped part way stays in the conversation, as it was shown; one
+            # stopped before its first word takes its question with it.
+            if reply:
+                history.append({"role": "assistant", "content": "".join(reply)})
+            else:
+                history.pop()
+            raise
+        history.append({"role": "assistant", "content": "".join(reply)})
 
     return _rounds(ns, ask, model)
 
 
 def _complete(ns: argparse.Namespace) -> int:
     client, model = _client(ns)
-    extra = {} if ns.max_tokens is None else {"max_tokens": ns.max_tokens}
 
     def ask(prompt: str) -> None:
-        stream = client.completions.create(model=model, prompt=prompt, stream=True, **extra)
-        _print_stream(c.choices[0].text for c in stream if c.choices)
+        with client.completions.create(model=model, prompt=prompt, stream=True,
+                                       **_sampling(ns)) as stream:
+            _print_stream((c.choices[0].text for c in stream if c.choices), [])
 
     return _rounds(ns, ask, model)
 
@@ -229,6 +265,9 @@ def _client_command(run: Callable[[argparse.Namespace], int]
         except OpenAIError as e:
             print(f"jaxserve: error: {ns.url}: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # while finding the model, before any prompt
+            sys.stderr.write("\n")
+            return 130
     return command
 
 
@@ -239,6 +278,11 @@ def _add_client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", help="API key (default: env OPENAI_API_KEY, else EMPTY)")
     parser.add_argument("-q", "--quick", metavar="MESSAGE",
                         help="send one message, print the reply and exit")
+    parser.add_argument("--max-tokens", type=int, default=CLIENT_MAX_TOKENS,
+                        help="most tokens per reply (default: %(default)s)")
+    parser.add_argument("--temperature", type=float,
+                        help="sampling temperature (default: the server's, from the model's "
+                             "generation config)")
 
 
 def _add_bench_args(bench: argparse.ArgumentParser) -> None:
@@ -273,7 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=_client_command(_chat))
     complete = sub.add_parser("complete", help="complete prompts with a running server")
     _add_client_args(complete)
-    complete.add_argument("--max-tokens", type=int, help="most tokens per completion")
     complete.set_defaults(func=_client_command(_complete))
     gen = sub.add_parser("generate", help="generate text offline for a few prompts")
     gen.add_argument("prompt", nargs="*", help="prompts (default: a sample question)")
