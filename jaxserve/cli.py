@@ -15,7 +15,7 @@ import sys
 import typing
 from collections.abc import Callable, Iterable
 
-from jaxserve import __version__
+from jaxserve import __version__, logs
 from jaxserve.entrypoints.cli_args import add_serve_args, json_object, parse_serve_args
 
 logger = logging.getLogger("jaxserve.cli")
@@ -339,9 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s] %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format=logs.FORMAT, datefmt=logs.DATEFMT)
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] not in (["chat"], ["complete"], ["gateway"]):  # those never start JAX
+        logs.quiet_startup()  # before JAX looks for accelerators
     if argv[:1] in (["chat"], ["complete"]):  # clients: the reply only, not each HTTP request
         for name in ("httpx", "httpx2", "openai"):
             logging.getLogger(name).setLevel(logging.WARNING)

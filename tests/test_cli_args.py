@@ -412,15 +412,95 @@ def test_hf_token_sets_the_environment():
     assert os.environ["HF_TOKEN"] == "hf_abc"
 
 
-def test_help_groups_and_says_what_happens(capsys):
+def _help(capsys, *argv: str) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as e:
-        parse_serve_args(["--help"])
-    out = capsys.readouterr().out
-    assert e.value.code == 0
+        parse_serve_args(list(argv))
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def test_help_all_groups_and_says_what_happens(capsys):
+    code, out, _ = _help(capsys, "--help=all")
+    assert code == 0
     for text in ("ModelConfig:", "CacheConfig:", "SchedulerConfig:", "Frontend:",
                  "SGLang spellings:", "Worker:", "ignored on JAX:",
                  "not implemented in jaxserve yet:", "compile buckets"):
         assert text in out
+    assert all(f.names[0] in out for f in FLAGS)
+
+
+def test_default_help_is_short_and_shows_what_applies(capsys):
+    code, out, _ = _help(capsys, "--help")
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) < 200, len(lines)  # --help=all is over 1,000
+    assert max(map(len, lines)) <= 100
+    for group in ("Frontend:", "ModelConfig:", "CacheConfig:", "SchedulerConfig:", "Worker:"):
+        assert group in out
+    assert "--help=all" in out and "--help=CacheConfig" in out  # how to ask for more
+    assert "ignored on JAX" not in out and "not implemented in jaxserve yet:" not in out
+    shown = {line.split()[0].rstrip(",") for line in lines if line.startswith("  -")}
+    for flag in FLAGS:
+        if flag.kind in (WARN, REFUSE):
+            assert flag.names[0] not in shown, flag.names[0]
+    line = next(line for line in lines if line.startswith("  --gpu-memory-utilization "))
+    assert "(default: 0.9)" in line
+    line = next(line for line in lines if line.startswith("  --enable-prefix-caching "))
+    assert "(default: on)" in line
+    assert _help(capsys, "-h")[1] == out
+
+
+@pytest.mark.parametrize("topic", ["CacheConfig", "cacheconfig", "CACHECONFIG"])
+def test_help_group_lists_that_group(capsys, topic):
+    code, out, _ = _help(capsys, f"--help={topic}")
+    assert code == 0 and "CacheConfig:" in out
+    cache = next(flags for title, _, flags in serve_flags.GROUPS if title == "CacheConfig")
+    for flag in cache:  # those that apply and those that do not
+        assert flag.names[0] in out
+    assert "--max-num-seqs" not in out and "ModelConfig:" not in out
+
+
+@pytest.mark.parametrize("topic", ["max-num-seqs", "--max-num-seqs", "max_num_seqs"])
+def test_help_flag_shows_that_flag(capsys, topic):
+    code, out, _ = _help(capsys, f"--help={topic}")
+    assert code == 0
+    assert "--max-num-seqs" in out and "SchedulerConfig:" in out
+    assert "--max-num-batched-tokens" not in out
+
+
+def test_help_word_lists_the_flags_that_hold_it(capsys):
+    code, out, _ = _help(capsys, "--help=prefix-caching")
+    assert code == 0
+    assert "--enable-prefix-caching" in out and "--prefix-caching-hash-algo" in out
+    assert "--max-num-seqs" not in out
+
+
+def test_help_unknown_topic_lists_the_groups(capsys):
+    code, out, err = _help(capsys, "--help=NoSuchGroup")
+    assert code == 2 and not out
+    assert "NoSuchGroup" in err
+    for group in ("ModelConfig", "CacheConfig", "SchedulerConfig", "Frontend"):
+        assert group in err
+
+
+def test_cli_serve_help_is_short(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--help"])
+    assert e.value.code == 0 and len(capsys.readouterr().out.splitlines()) < 200
+
+
+def test_gpu_memory_utilization_on_cpu_says_what_it_means(caplog, monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    with caplog.at_level(logging.WARNING, logger="jaxserve.cli"):
+        parse_serve_args(["--gpu-memory-utilization", "0.5"])
+    lines = [r.getMessage() for r in caplog.records if "on CPU" in r.getMessage()]
+    assert len(lines) == 1 and "host RAM" in lines[0] and "--gpu-memory-utilization 0.5" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jaxserve.cli"):
+        parse_serve_args([])  # not given: nothing to explain
+        monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+        parse_serve_args(["--mem-fraction-static", "0.5"])  # on a TPU it means what it says
+    assert not [r for r in caplog.records if "on CPU" in r.getMessage()]
 
 
 def test_cli_serve_reports_refusals(capsys):

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
-from tqdm.auto import tqdm
 
 from jaxserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from jaxserve.engine import distributed, executable_cache, memory_plan
@@ -29,6 +28,7 @@ from jaxserve.engine.sampler import SamplerOutput, SamplingMetadata, compute_log
 from jaxserve.engine.pipeline import Pipeline
 from jaxserve.engine.sampling_metadata import build_sampling_metadata
 from jaxserve.engine.scheduler import SchedulerOutput
+from jaxserve.progress import progress
 from jaxserve.kernels_pallas import init_kv_cache
 from jaxserve.kernels_pallas.quant import kv_bytes_per_token_head
 from jaxserve.models.layers import AttentionMetadata
@@ -381,7 +381,7 @@ class ModelRunner:
         with executable_cache.fresh_compiles() if cache and jobs else contextlib.nullcontext():
             futures = [self._pool.submit(self._lower(name.startswith("forward"), size).compile)
                        for _, name, size in jobs]
-            for (table, name, size), future in tqdm(list(zip(jobs, futures)),
+            for (table, name, size), future in progress(list(zip(jobs, futures)),
                                                     desc="Compiling buckets", unit="executable"):
                 table[size] = future.result()
                 if cache:
@@ -415,7 +415,8 @@ class ModelRunner:
         real token, nothing written), so that no request waits for a compile."""
         self._pool.shutdown(wait=False)
         start = time.perf_counter()
-        for T in tqdm(self.buckets, desc="Compiling buckets (pipeline stages)", unit="bucket"):
+        for T in progress(self.buckets, desc="Compiling buckets (pipeline stages)",
+                          unit="bucket"):
             self.kv_cache, logits, _ = self.pipeline.forward(self.kv_cache, self._empty_input(T))
             jax.block_until_ready(self._jit_sample(logits, self._empty_sampling(self.rows_for(T))))
         seconds = time.perf_counter() - start

@@ -32,6 +32,7 @@ from jaxserve.entrypoints.serve_flags import (BY_KEY, ENGINE, FLAGS, GRAMMAR_BAC
                                               MAPPED, REFUSE, SWITCH, WARN, Flag,
                                               compilation_json, json_list, json_object,
                                               mm_limits)
+from jaxserve.entrypoints.serve_help import HelpAction
 from jaxserve.sampling_params import MAX_LOGPROBS
 
 logger = logging.getLogger("jaxserve.cli")
@@ -65,29 +66,38 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="the model (same as --model)")
     parser.add_argument("--config", help="YAML file whose keys are flags; the command line wins")
     for title, description, flags in GROUPS:
-        group = parser.add_argument_group(title, description)
-        for flag in flags:
-            kw: dict[str, Any] = {"help": _help(flag), "default": flag.default}
-            if flag.dest:
-                kw["dest"] = flag.dest
-            if flag.action == "store_const":
-                kw.update(action="store_const", const=flag.const)
-            elif flag.type is SWITCH:
-                kw["action"] = argparse.BooleanOptionalAction
-            else:
-                kw["type"] = flag.type
-                for name in ("nargs", "choices", "action", "const"):
-                    if getattr(flag, name) is not None:
-                        kw[name] = getattr(flag, name)
-            group.add_argument(*flag.names, **kw)
+        add_flag_group(parser, title, description, flags)
+
+
+def add_flag_group(parser: argparse.ArgumentParser, title: str, description: str,
+                   flags: tuple[Flag, ...]) -> None:
+    """Register `flags` on `parser` as one help group."""
+    group = parser.add_argument_group(title, description)
+    for flag in flags:
+        kw: dict[str, Any] = {"help": _help(flag), "default": flag.default}
+        if flag.dest:
+            kw["dest"] = flag.dest
+        if flag.action == "store_const":
+            kw.update(action="store_const", const=flag.const)
+        elif flag.type is SWITCH:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = flag.type
+            for name in ("nargs", "choices", "action", "const"):
+                if getattr(flag, name) is not None:
+                    kw[name] = getattr(flag, name)
+        group.add_argument(*flag.names, **kw)
 
 
 @functools.lru_cache(maxsize=1)
 def _serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxserve serve", usage="%(prog)s [MODEL] [options]", allow_abbrev=False,
-        description="Serve a model over the OpenAI API; takes `vllm serve` flags and SGLang's "
-                    "spellings of them.")
+        add_help=False, description="Serve a model over the OpenAI API; takes `vllm serve` "
+                                    "flags and SGLang's spellings of them.")
+    parser.add_argument("-h", "--help", action=HelpAction,
+                        help="a short help; --help=all: every flag; --help=GROUP (e.g. "
+                             "CacheConfig): one group; --help=FLAG (e.g. max-num-seqs): one flag")
     add_serve_args(parser)
     return parser
 
@@ -293,6 +303,7 @@ def parse_serve_args(argv: list[str]) -> argparse.Namespace:
     engine_kwargs = _engine_kwargs(ns, typed)
     _warn(ns, typed)
     _apply_environment(ns)
+    _note_memory_on_cpu(ns, typed)
     ns.engine_args = _build_engine_args(ns, engine_kwargs, typed)
     return ns
 
@@ -457,6 +468,17 @@ def _apply_environment(ns: argparse.Namespace) -> None:
             sys.modules["jax"].config.update("jax_platforms", platform)
     if isinstance(ns.hf_token, str):
         os.environ["HF_TOKEN"] = ns.hf_token
+
+
+def _note_memory_on_cpu(ns: argparse.Namespace, typed: dict[str, str]) -> None:
+    """On CPU, say in one line what `--gpu-memory-utilization` means there."""
+    from jaxserve.logs import platform_guess
+
+    if "gpu_memory_utilization" in typed and platform_guess() == "cpu":
+        logger.warning("%s %s on CPU: a fraction of host RAM for the weights and the KV cache, "
+                       "and the KV cache is capped further on CPU (the memory plan logged at "
+                       "start-up says how); --kv-cache-memory-bytes sets the KV cache's size",
+                       _name("gpu_memory_utilization", typed), ns.gpu_memory_utilization)
 
 
 def _powers_of_two_to(cap: int, name: str) -> tuple[int, ...]:

@@ -7,11 +7,10 @@ import logging
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from jaxserve.engine.args import EngineArgs
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.outputs import RequestOutput
+from jaxserve.progress import progress
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -118,7 +117,8 @@ class LLM:
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(order), desc="Processed prompts", disable=not use_tqdm)
+        bar = progress(total=len(order), desc="Processed prompts", unit="prompt",
+                       disable=not use_tqdm)
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
