@@ -9,6 +9,7 @@ it; a case that runs past `case_timeout` is killed and recorded the same way.
 
 Statuses: `ok`, `failed` (the compiler or the kernel raised: the message is kept), `abort` (the
 process died), `timeout`, `missing` (the target's compiler plugin is not installed).
+`JAXSERVE_AOT_ABORT_ON=<case name>` makes a child abort on that case (tests of the runner).
 """
 
 from __future__ import annotations
@@ -123,7 +124,11 @@ def _child(spec_path: str) -> None:
 
     with open(spec_path) as f:
         cases = [KernelCase.from_json(d) for d in json.load(f)]
+    # NOTE: fault injection for the runner's own tests: abort the child on the case so named.
+    abort_on = os.environ.get("JAXSERVE_AOT_ABORT_ON")
     for case in cases:
+        if case.name == abort_on:
+            os.abort()
         try:
             d = {"status": "ok", "seconds": round(compile_case(case), 3)}
         except PluginMissing as e:

@@ -1,0 +1,83 @@
+"""Compile the attention kernels for every kernel shape on every compile target, deviceless.
+
+    python scripts/aot_sweep.py                      # every target, every case (~1 hour on 2 cores)
+    python scripts/aot_sweep.py --targets v6e-1 h100 --covering   # the all-pairs subset
+
+Cases (`jaxserve.kernels_pallas.aot.sweep_cases`): cache dtype x head dim x GQA ratio x page size
+on one chip of each target, the other dimensions rotating; plus one KV head per shard under
+tensor parallelism (`tp_cases`) on 4-chip TPU slices and two H100s. Each runs in a child process
+(`aot_runner`), so a compiler abort costs one case, not the sweep. Prints a table (case, compile
+seconds, status) and writes the results as JSON (default docs/results/aot_sweep.json) after every
+case, so an interrupted sweep keeps what it did. Needs libtpu (`jax[tpu]`) and the CUDA plugin
+with ptxas (`jax-cuda12-plugin`, `nvidia-cuda-nvcc-cu12`) at the installed jax's version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import sys
+import time
+
+from jaxserve.engine.targets import plugin_versions
+from jaxserve.kernels_pallas import aot, aot_runner
+
+SINGLE = ("v5e-1", "v6e-1", "v5p-8", "h100")
+TP = {"v5e-4": 4, "v6e-4": 4, "v5p-8": 4, "h100x2": 2}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", nargs="*", default=list(dict.fromkeys([*SINGLE, *TP])),
+                        help="targets to compile for (one-chip sweeps; the TP ones get tp cases)")
+    parser.add_argument("--covering", action="store_true",
+                        help="the all-pairs subset instead of the full cross product")
+    parser.add_argument("--out", default=os.path.join("docs", "results", "aot_sweep.json"))
+    parser.add_argument("--case-timeout", type=float, default=600.0)
+    args = parser.parse_args(argv)
+
+    cases = []
+    for target in dict.fromkeys(args.targets):
+        if target in SINGLE:
+            cases += aot.covering_cases(target) if args.covering else aot.sweep_cases(target)
+        if target in TP:
+            cases += aot.tp_cases(target, TP[target])
+    import jax
+
+    meta = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor()}",
+            "jax": jax.__version__, "plugins": plugin_versions(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results = []
+    start = time.perf_counter()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+
+    def on_result(r: aot_runner.Result) -> None:
+        results.append(r)
+        secs = f"{r.seconds:7.2f}" if r.seconds is not None else "      -"
+        first = next((ln for ln in r.error.splitlines() if ln.strip()), "")
+        print(f"[{len(results)}/{len(cases)}] {r.case.name}  {secs}  {r.status}  {first[:160]}",
+              flush=True)
+        with open(args.out, "w") as f:
+            json.dump({**meta, "wall_seconds": round(time.perf_counter() - start, 1),
+                       "results": [x.to_json() for x in results]}, f, indent=1)
+
+    aot_runner.run_cases(cases, case_timeout=args.case_timeout, on_result=on_result)
+    print()
+    print(aot_runner.summary(results))
+    counts = collections.Counter((r.case.target, r.status) for r in results)
+    print()
+    for target in dict.fromkeys(r.case.target for r in results):
+        ok = [r.seconds for r in results if r.case.target == target and r.status == "ok"]
+        line = ", ".join(f"{s} {n}" for (t, s), n in sorted(counts.items()) if t == target)
+        mean = f"; compile {min(ok):.1f}-{max(ok):.1f} s, mean {sum(ok) / len(ok):.2f} s" if ok else ""
+        print(f"{target}: {line}{mean}")
+    print(f"wall {time.perf_counter() - start:.0f} s; results in {args.out}")
+    return 0 if all(r.status == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
