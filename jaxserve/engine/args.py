@@ -139,11 +139,12 @@ class EngineArgs:
     def replace(self, **changes: Any) -> EngineArgs:
         return dataclasses.replace(self, **changes)
 
-    def resolve_dtype(self, model_config: ModelConfig):
-        """`auto`: float32 on CPU (XLA's bf16 dots are slow there), the checkpoint's dtype else."""
+    def resolve_dtype(self, model_config: ModelConfig, platform: str | None = None):
+        """`auto`: float32 on CPU (XLA's bf16 dots are slow there), the checkpoint's dtype else.
+        `platform`: the one compiled for (default: JAX's default backend)."""
         if self.dtype != "auto":
             return _DTYPES[self.dtype]
-        if jax.default_backend() == "cpu":
+        if (platform or jax.default_backend()) == "cpu":
             return jnp.float32
         return _DTYPES.get(model_config.checkpoint_dtype, jnp.bfloat16)
 
@@ -153,7 +154,7 @@ class EngineArgs:
             return dtype
         return KV_CACHE_DTYPES[self.kv_cache_dtype]
 
-    def resolve_attention_backend(self, dtype, kv_dtype=None) -> str:
+    def resolve_attention_backend(self, dtype, kv_dtype=None, platform: str | None = None) -> str:
         """`--attention-backend`, or the platform's kernel where it serves these dtypes."""
         from jaxserve.kernels_pallas import (BACKENDS, cpu, default_backend, is_quantized_dtype,
                                              reads_quantized, runs_interpreted)
@@ -173,7 +174,7 @@ class EngineArgs:
                                "mode (for checking it, far slower than the platform's own)",
                                self.attention_backend, jax.default_backend())
             return self.attention_backend
-        backend = default_backend()
+        backend = default_backend(platform)
         if backend == "cpu":
             if jnp.dtype(dtype) != jnp.float32 or kv_dtype.name not in ("float32", "bfloat16") \
                     or not cpu.available():
@@ -185,8 +186,8 @@ class EngineArgs:
             return "ref"
         return backend
 
-    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
-        on_cpu = jax.default_backend() == "cpu"
+    def scheduler_config(self, max_model_len: int, platform: str | None = None) -> SchedulerConfig:
+        on_cpu = (platform or jax.default_backend()) == "cpu"
         max_num_seqs = self.max_num_seqs or (32 if on_cpu else 256)
         default_tokens = 512 if on_cpu else 2048
         tokens = self.max_num_batched_tokens or max(default_tokens, max_num_seqs)

@@ -74,22 +74,28 @@ def bytes_per_device(*trees) -> int:
 class StepMemory:
     """What the compiled step needs per device besides its arguments (from memory_analysis)."""
 
-    activations: int  # the forward's temporaries, largest bucket
+    activations: int  # the forward's temporaries, largest bucket, besides what grows with
+    #                   the cache
     sampler: int  # logits out of the forward plus the sampler's temporaries and outputs
+    per_page: int = 0  # temporaries that grow with the KV cache, per page (a copy of the
+    #                    cache the compiler could not update in place shows here)
 
     @classmethod
-    def measure(cls, forward_compiled, sample_compiled) -> StepMemory:
+    def measure(cls, forward_compiled, sample_compiled, forward_more=None,
+                more_pages: int = 0) -> StepMemory:
+        """From the forward compiled against a small cache (and, with `forward_more`, against
+        one `more_pages` pages larger) and the sampler."""
         f = forward_compiled.memory_analysis()
         s = sample_compiled.memory_analysis()
+        per_page = 0
+        if forward_more is not None:
+            grown = forward_more.memory_analysis().temp_size_in_bytes - f.temp_size_in_bytes
+            per_page = max(0, grown) // more_pages
         # NOTE: the forward's outputs beyond the aliased (donated) cache are the logits and
         # prompt logprobs; they live until the sampler has run.
         forward_out = max(0, f.output_size_in_bytes - f.alias_size_in_bytes)
-        return cls(activations=int(f.temp_size_in_bytes),
+        return cls(activations=int(f.temp_size_in_bytes), per_page=int(per_page),
                    sampler=int(forward_out + s.temp_size_in_bytes + s.output_size_in_bytes))
-
-    def max(self, other: StepMemory) -> StepMemory:
-        return StepMemory(max(self.activations, other.activations),
-                          max(self.sampler, other.sampler))
 
 
 @dataclass(frozen=True)
@@ -111,9 +117,13 @@ class MemoryPlan:
         return self.num_pages * self.kv_per_page
 
     @property
+    def cache_temporaries(self) -> int:
+        return self.num_pages * self.step.per_page if self.step else 0
+
+    @property
     def total(self) -> int:
         step = self.step.activations + self.step.sampler if self.step else 0
-        return self.weights + step + self.kv
+        return self.weights + step + self.kv + self.cache_temporaries
 
     def describe(self) -> str:
         def gib(x: int) -> str:
@@ -126,6 +136,10 @@ class MemoryPlan:
         if self.step is not None:
             rows += [f"  activations     {gib(self.step.activations)}  (largest bucket)",
                      f"  logits/sampler  {gib(self.step.sampler)}"]
+            if self.step.per_page:
+                rows.append(f"  cache copies    {gib(self.cache_temporaries)}  (temporaries "
+                            "that grow with the KV cache: the step does not update it in "
+                            "place)")
         rows += [f"  KV cache        {gib(self.kv)}  ({self.num_pages} pages of "
                  f"{self.page_size} tokens = {self.num_pages * self.page_size} tokens; "
                  f"{self.sized_by})",
@@ -144,13 +158,14 @@ def plan_memory(*, device: str, capacity: int, utilization: float, weights: int,
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {utilization}")
     step_bytes = step.activations + step.sampler if step else 0
     budget = int(capacity * utilization) - weights - step_bytes
+    page_cost = kv_per_page + (step.per_page if step else 0)
     if num_pages_override:
         num_pages, sized_by = num_pages_override, "--num-gpu-blocks-override"
     elif kv_cache_memory_bytes:
         num_pages, sized_by = max(1, kv_cache_memory_bytes // kv_per_page), \
             "--kv-cache-memory-bytes"
     else:
-        num_pages = max(0, budget) // kv_per_page
+        num_pages = max(0, budget) // page_cost
         sized_by = f"what --gpu-memory-utilization {utilization} leaves"
         if cpu:
             cap = min(CPU_KV_CAP // kv_per_page, max_num_seqs * pages_per_seq)
@@ -169,18 +184,25 @@ def plan_memory(*, device: str, capacity: int, utilization: float, weights: int,
 
 
 def _does_not_fit(plan: MemoryPlan, budget: int, pages_per_seq: int, max_model_len: int) -> str:
-    need = pages_per_seq * plan.kv_per_page
-    lines = [f"the model does not fit: {plan.describe()}",
-             f"one sequence of --max-model-len {max_model_len} needs {need / GiB:.2f} GiB of KV "
-             f"cache per device, but only {max(budget, 0) / GiB:.2f} GiB is left."]
-    fits_len = max(0, budget) // plan.kv_per_page * plan.page_size
+    page_cost = plan.kv_per_page + (plan.step.per_page if plan.step else 0)
+    need = pages_per_seq * page_cost
+    usable = int(plan.capacity * plan.utilization)
+    lines = [f"the model does not fit: {plan.describe()}"]
+    if plan.weights >= usable:
+        lines.append(f"the weights alone take {plan.weights / GiB:.2f} GiB per device, more than "
+                     f"the {usable / GiB:.2f} GiB usable. What would fit:")
+    else:
+        lines.append(f"one sequence of --max-model-len {max_model_len} needs {need / GiB:.2f} "
+                     f"GiB of KV cache per device, but only {max(budget, 0) / GiB:.2f} GiB is "
+                     "left. What would fit:")
+    fits_len = max(0, budget) // page_cost * plan.page_size
     if budget > 0 and fits_len >= plan.page_size:
         lines.append(f"- a shorter context: --max-model-len {fits_len} fits")
-    if plan.weights > budget + plan.weights - need:
-        lines.append("- more devices: a larger --tensor-parallel-size (or "
-                     "--pipeline-parallel-size) splits the weights and the KV cache")
-    lines.append("- a quantised KV cache: --kv-cache-dtype int8 or fp8 halves it "
-                 "(bfloat16 models)")
+    lines.append("- more devices: a larger --tensor-parallel-size (or --pipeline-parallel-size) "
+                 "splits the weights and the KV cache over them")
+    if plan.weights < usable:
+        lines.append("- a quantised KV cache: --kv-cache-dtype int8 or fp8 halves it "
+                     "(bfloat16 models)")
     if plan.utilization < 0.95:
         lines.append(f"- a higher --gpu-memory-utilization (now {plan.utilization})")
     return "\n".join(lines)

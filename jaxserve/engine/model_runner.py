@@ -10,6 +10,7 @@ trigger a compile: a shape outside the buckets is an error, not a slow request.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -34,6 +35,7 @@ from jaxserve.kernels_pallas.quant import kv_bytes_per_token_head
 from jaxserve.models.layers import AttentionMetadata
 from jaxserve.models.weights import abstract_model
 from jaxserve.sampling_params import MAX_LOGPROBS
+from jaxserve.sharding.mesh import AXES
 from jaxserve.sharding.placement import Placement
 from jaxserve.sharding.rules import kv_cache_spec
 
@@ -173,23 +175,23 @@ class ModelRunner:
     # ---- memory ------------------------------------------------------------------------------
     def _plan_memory(self, cache: CacheConfig) -> memory_plan.MemoryPlan:
         """Size the KV cache from the per-device memory plan (engine/memory_plan.py)."""
-        one_page = self._abstract_cache(1)
-        kv_per_page = memory_plan.bytes_per_device(one_page)
-        step = None
-        if not (cache.num_gpu_blocks_override or cache.kv_cache_memory_bytes):
-            step = self._profile_step()
-        plan = memory_plan.plan_memory(
+        plan = functools.partial(
+            memory_plan.plan_memory,
             device=f"{self.target.name}: {self.target.description}" if self.target else
             f"{self.device.platform} {self.device.device_kind}",
             capacity=memory_plan.device_capacity(self.device, self.target),
             utilization=cache.gpu_memory_utilization,
-            weights=memory_plan.bytes_per_device(self.abstract_state), step=step,
-            kv_per_page=kv_per_page, page_size=self.page_size, pages_per_seq=self.pages_per_seq,
+            weights=memory_plan.bytes_per_device(self.abstract_state),
+            kv_per_page=memory_plan.bytes_per_device(self._abstract_cache(1)),
+            page_size=self.page_size, pages_per_seq=self.pages_per_seq,
             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
             cpu=self.device.platform == "cpu",
             num_pages_override=cache.num_gpu_blocks_override,
             kv_cache_memory_bytes=cache.kv_cache_memory_bytes)
-        return plan
+        if cache.num_gpu_blocks_override or cache.kv_cache_memory_bytes:
+            return plan(step=None)
+        plan(step=None)  # the weights and one sequence's KV fit, before compiling anything
+        return plan(step=self._profile_step())
 
     def _profile_step(self) -> memory_plan.StepMemory | None:
         """The step's temporaries at the largest bucket, compiled against a small cache (the
@@ -205,26 +207,37 @@ class ModelRunner:
         if cache is not None and (known := cache.load_profile(shapes)) is not None:
             return memory_plan.StepMemory(**known)
         start = time.perf_counter()
+        # Twice, against caches of two sizes: what grows with the cache (a copy the compiler
+        # could not avoid) is measured per page, not assumed away.
+        more = 2 * (self.pages_per_seq + 1)
         with self._on_mesh():
-            forward = self._jit_forward.lower(self.abstract_state, small,
-                                              self._abstract_input(T))
+            lowered = [self._jit_forward.lower(self.abstract_state, cache_, self._abstract_input(T))
+                       for cache_ in (small, self._abstract_cache(self.pages_per_seq + 1 + more))]
         sampler = cache.load(f"sample-{rows}", self._shapes_of("sample", rows)) if cache \
             else None
         # NOTE: the sampler does not depend on the cache: it is kept (and stored), so it is
         # compiled as `compile_all` compiles what it stores.
         with executable_cache.fresh_compiles() if cache else contextlib.nullcontext():
-            jobs = [forward] if sampler is not None else [forward, self._lower(False, rows)]
+            jobs = lowered + ([] if sampler is not None else [self._lower(False, rows)])
             futures = [self._pool.submit(x.compile) for x in jobs]
-            forward, *compiled = (f.result() for f in futures)
+            try:
+                forward, forward_more, *compiled = (f.result() for f in futures)
+            except jax.errors.JaxRuntimeError as e:
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                raise memory_plan.OutOfMemoryPlan(
+                    f"the step at {T} tokens does not fit beside the weights: {e}; try a "
+                    "smaller --max-num-batched-tokens, or more devices (-tp)") from None
         if compiled:
             sampler = compiled[0]
             if cache is not None:
                 cache.store(f"sample-{rows}", self._shapes_of("sample", rows), sampler)
         self._sample_exe[rows] = sampler
-        step = memory_plan.StepMemory.measure(forward, sampler)
+        step = memory_plan.StepMemory.measure(forward, sampler, forward_more, more)
         logger.info("profiled the step at %d tokens in %.1f s: %.1f MiB of activations, %.1f "
-                    "MiB of logits and sampler buffers per device", T,
-                    time.perf_counter() - start, step.activations / 2**20, step.sampler / 2**20)
+                    "MiB of logits and sampler buffers, %d bytes per KV page of temporaries per "
+                    "device", T, time.perf_counter() - start, step.activations / 2**20,
+                    step.sampler / 2**20, step.per_page)
         if cache is not None:
             cache.store_profile(shapes, step.__dict__)
         return step
@@ -271,8 +284,14 @@ class ModelRunner:
         return jax.jit(init, out_shardings=shardings)()
 
     def _on_mesh(self):
-        """The context every trace of the step runs in: the mesh, when there is one."""
-        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        """The context every trace of the step runs in: the mesh, when there is one; for one
+        device of a compile target, a mesh of that one device, so that the attention kernel
+        is built for the target's platform (`kernels_pallas.target_platform`)."""
+        if self.mesh is not None:
+            return jax.set_mesh(self.mesh)
+        if self.device.platform != jax.default_backend():
+            return jax.set_mesh(Mesh(np.array([self.device]).reshape(1, 1, 1), AXES))
+        return contextlib.nullcontext()
 
     def prefetch_executables(self) -> None:
         """Start loading cached executables on background threads (while the weights load)."""
@@ -398,17 +417,20 @@ class ModelRunner:
         return seconds
 
     def _check_plan(self) -> None:
-        """The compiled buckets' memory against the plan: the profile was taken against a small
-        cache, and no bucket may need more than it measured."""
+        """The compiled buckets against the plan: none may need more temporaries with the whole
+        cache than the profile (taken against small caches) foresaw."""
         if self.plan.step is None:
             return
-        forward = max(memory_plan.StepMemory.measure(self._forward_exe[T],
-                                                     self._sample_exe[self.rows_for(T)])
-                      .activations for T in self.buckets)
-        if forward > self.plan.step.activations * 1.05 + (16 << 20):
-            logger.warning("a compiled bucket needs %.1f MiB of activations per device, more "
-                           "than the %.1f MiB the memory plan measured", forward / 2**20,
-                           self.plan.step.activations / 2**20)
+        try:
+            temp = max(self._forward_exe[T].memory_analysis().temp_size_in_bytes
+                       for T in self.buckets)
+        except Exception:  # noqa: BLE001 (a loaded executable may not report its memory)
+            return
+        planned = self.plan.step.activations + self.plan.cache_temporaries
+        if temp > planned * 1.05 + (16 << 20):
+            logger.warning("a compiled bucket needs %.1f MiB of temporaries per device, more "
+                           "than the %.1f MiB the memory plan foresaw", temp / 2**20,
+                           planned / 2**20)
 
     def _warm_up_pipeline(self) -> float:
         """Pipeline stages compile on first use: run every bucket once on an empty batch (no

@@ -39,12 +39,13 @@ class Replica:
         return self.scheduler.num_running + self.scheduler.num_waiting
 
 
-def replica_placements(cfg: ModelConfig, parallel: ParallelConfig) -> list[Placement | None]:
-    """One `Placement` per data replica, each over its own (1, pp, tp) submesh; `[None]` for a
-    single device (no mesh at all)."""
+def replica_placements(cfg: ModelConfig, parallel: ParallelConfig,
+                       devices=None) -> list[Placement | None]:
+    """One `Placement` per data replica, each over its own (1, pp, tp) submesh of `devices`
+    (default: all of them); `[None]` for a single device (no mesh at all)."""
     if parallel.is_single_device and not parallel.expert_parallel:
         return [None]
-    mesh = make_mesh(parallel)
+    mesh = make_mesh(parallel, devices)
     per_replica = dataclasses.replace(parallel, data=1)
     placements = [Placement.create(cfg, per_replica, submesh(mesh, data=i).devices.flat)
                   for i in range(parallel.data)]

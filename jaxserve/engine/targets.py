@@ -18,10 +18,11 @@ import importlib.metadata
 import os
 from dataclasses import dataclass
 
-# NOTE: read by libtpu and the CUDA plugin when JAX first loads them; harmless on real hardware
-# (the metadata server is only needed to describe the host's own TPU, and the constraints check
-# only compares the driver's CUDA version with the plugin's).
-_DEVICELESS_ENV = {"TPU_SKIP_MDS_QUERY": "1", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
+# NOTE: read by libtpu and the CUDA plugin when JAX first loads them: no metadata server (it
+# describes the host's own TPU), no check of the driver's CUDA version against the plugin's, and
+# no libtpu lock file (compile-only processes share no chip, so several may run at once).
+_DEVICELESS_ENV = {"TPU_SKIP_MDS_QUERY": "1", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
+                   "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 GiB = 1 << 30
 
