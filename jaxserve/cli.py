@@ -104,6 +104,28 @@ def _serve(argv: list[str]) -> int:
     return run_server(ns)
 
 
+def _compile(argv: list[str]) -> int:
+    """`jaxserve compile [MODEL] --target T [serve flags]`: every bucket of the engine step
+    compiled for a TPU slice or GPU this machine need not have, with the memory plan."""
+    from jaxserve.engine import targets
+
+    pre = argparse.ArgumentParser(prog="jaxserve compile", add_help=False)
+    pre.add_argument("--target", required=True,
+                     help=f"what to compile for: {', '.join(targets.TARGETS)} (GPUs also as "
+                          "NAMExCOUNT, e.g. h100x8)")
+    if argv in ([], ["-h"], ["--help"]):
+        pre.print_help()
+        print("\nAny `jaxserve serve` flag sets up the engine as it would run there (-tp, -dp, "
+              "--enable-expert-parallel, --max-model-len, --max-num-seqs, --kv-cache-dtype, "
+              "--gpu-memory-utilization, ...); only config.json is read.")
+        return 0 if argv else 2
+    ns, rest = pre.parse_known_args(argv)
+    targets.prepare_environment()  # before JAX loads its plugins
+    from jaxserve.engine.aot import run
+
+    return run(parse_serve_args(rest).engine_args, ns.target)
+
+
 def _gateway(ns: argparse.Namespace) -> int:
     """`jaxserve gateway ...`: the Gateway of docs/gateway.md, until SIGTERM or SIGINT."""
     from jaxserve.gateway.app import run_gateway
@@ -328,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None)
     _add_engine_args(gen)
     gen.set_defaults(func=_generate)
+    sub.add_parser("compile", help="compile the engine for a TPU slice or GPU (deviceless) and "
+                                   "print its memory plan: jaxserve compile MODEL --target v5e-4")
     conv = sub.add_parser("convert", help="save a model as an orbax folder that loads fast")
     conv.add_argument("output", help="folder to write")
     _add_engine_args(conv)
@@ -349,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["serve"]:  # its own parser: --config, dotted keys and -O3 come first
             return _serve(argv[1:])
+        if argv[:1] == ["compile"]:  # serve's flags, for a target
+            return _compile(argv[1:])
         ns = build_parser().parse_args(argv)
         return ns.func(ns)
     except (ValueError, FileNotFoundError) as e:
