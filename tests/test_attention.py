@@ -13,7 +13,7 @@ import pytest
 import jax.numpy as jnp
 
 from jaxserve.kernels_pallas import (QuantizedKVCache, default_backend, init_kv_cache,
-                                     ragged_paged_attention)
+                                     ragged_paged_attention, runs_interpreted, target_platform)
 from kernel_cases import CASES, check_cache, check_output, make_case, run
 
 
@@ -111,3 +111,26 @@ def test_unknown_backend_and_interpret_misuse():
                                               ("cpu", "cpu")])
 def test_default_backend_by_platform(platform, backend):
     assert default_backend(platform) == backend
+
+
+def test_interpret_mode_follows_the_platform_compiled_for():
+    """A Pallas backend is interpreted only off its own platform, and the platform is the one
+    being compiled for: an explicit one, else the mesh traced under, else the default backend
+    (CPU here). A deviceless TPU compile on this host traces under a TPU mesh."""
+    import jax
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    assert target_platform() == "cpu"
+    assert runs_interpreted("tpu") and runs_interpreted("gpu")
+    assert not runs_interpreted("ref") and not runs_interpreted("cpu")
+    assert not runs_interpreted("tpu", "tpu") and runs_interpreted("tpu", "cuda")
+    assert not runs_interpreted("gpu", "cuda") and not runs_interpreted("gpu", "gpu")
+    tpu_mesh = AbstractMesh((1,), ("model",),
+                            abstract_device=AbstractDevice("TPU v6 lite", 1, "tpu"))
+    with jax.sharding.use_abstract_mesh(tpu_mesh):
+        assert target_platform() == "tpu"
+        assert not runs_interpreted("tpu") and runs_interpreted("gpu")
+        assert runs_interpreted("tpu", "cpu")  # an explicit platform wins
+    cpu_mesh = jax.sharding.Mesh(jax.devices()[:1], ("model",))
+    with jax.set_mesh(cpu_mesh):
+        assert target_platform() == "cpu" and runs_interpreted("tpu")

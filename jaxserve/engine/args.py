@@ -169,10 +169,10 @@ class EngineArgs:
                 raise ValueError(f"--attention-backend {self.attention_backend} does not read a "
                                  f"{kv_dtype.name} KV cache (--kv-cache-dtype); backends that do: "
                                  f"{[b for b in BACKENDS if reads_quantized(b)]}")
-            if runs_interpreted(self.attention_backend):
+            if runs_interpreted(self.attention_backend, platform):
                 logger.warning("--attention-backend %s on %s: the Pallas kernel runs in interpret "
                                "mode (for checking it, far slower than the platform's own)",
-                               self.attention_backend, jax.default_backend())
+                               self.attention_backend, platform or jax.default_backend())
             return self.attention_backend
         backend = default_backend(platform)
         if backend == "cpu":
