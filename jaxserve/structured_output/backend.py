@@ -200,11 +200,31 @@ class GrammarBackend:
             grammar = self._grammar_text(spec)
         except ValueError as e:
             raise ValueError(f"{spec.kind}: {e}") from None
-        prototype = ll.LLMatcher(self._tok, grammar, log_level=0)
+        try:
+            prototype = ll.LLMatcher(self._tok, grammar, log_level=0,
+                                     limits=ll.LLParserLimits(verbose_errors=False))
+        except Exception as e:  # noqa: BLE001 - a Rust panic surfaces as a bare Exception
+            raise ValueError(f"{spec.kind}: {library_error(str(e))}") from None
         if prototype.is_error():
-            raise ValueError(f"{spec.kind}: {prototype.get_error()}")
+            raise ValueError(f"{spec.kind}: {library_error(prototype.get_error())}")
+        self._check_startable(spec, prototype)
         logger.debug("compiled %s grammar (%d chars)", spec.kind, len(spec.value))
         return CompiledGrammar(spec, prototype, self.eos_token_ids)
+
+    def _check_startable(self, spec: StructuredOutputSpec, prototype) -> None:
+        """The first mask builds the lexer: a grammar that no text can start, or one past the
+        library's limits, shows there (an error, or nothing allowed but EOS before the grammar
+        is complete). Raises ValueError."""
+        for _ in range(2):  # NOTE: a lexer out of fuel may only say so on a second copy
+            probe = prototype.deep_copy()
+            mask = np.zeros((1, self.bitmask_words), np.int32)
+            probe.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+            if probe.is_error():
+                raise ValueError(f"{spec.kind}: no output can satisfy it "
+                                 f"({library_error(probe.get_error())})")
+            allowed = np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little"))
+            if not probe.is_accepting() and set(allowed.tolist()) <= self.eos_token_ids:
+                raise ValueError(f"{spec.kind}: no output can satisfy it (no text may start it)")
 
     def _grammar_text(self, spec: StructuredOutputSpec) -> str:
         ll = self._ll
@@ -221,6 +241,17 @@ class GrammarBackend:
         if grammar_syntax(spec.value) == "gbnf":
             return ll.grammar_from("gbnf", spec.value)  # converted to Lark by llguidance
         return ll.LLMatcher.grammar_from_lark(spec.value)
+
+
+def library_error(message: str) -> str:
+    """llguidance's error message fit for a client: on one line, short, without its parser
+    state, Rust panic or backtrace (a panic says the grammar is beyond what it can build)."""
+    if "panic" in message or "<backtrace>" in message:
+        return "the grammar library cannot build it (it is too large or too complex)"
+    text = " ".join(re.split(r"<state>|<non-verbose/>", message)[0].split()) or "rejected"
+    if text == "NoExtensionBias":
+        return "the grammar allows no text at all"
+    return text if len(text) <= 400 else text[:400] + "..."
 
 
 _SHORTHANDS = {"d": "0-9", "w": "0-9A-Za-z_"}

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Kind = Literal["json", "json_object", "regex", "choice", "grammar"]
+# More alternatives than this take the grammar library seconds to compile, and past ~65k it fails.
+MAX_CHOICES = 10_000
 KINDS: tuple[str, ...] = ("json", "json_object", "regex", "choice", "grammar")
 
 
@@ -79,6 +81,9 @@ class StructuredOutputSpec:
             bad = [c for c in choice if not isinstance(c, str)]
             if bad:
                 raise ValueError(f"{prefix}choice must hold only strings, got {bad[0]!r}")
+            if len(choice) > MAX_CHOICES:
+                raise ValueError(f"{prefix}choice holds {len(choice)} strings; at most "
+                                 f"{MAX_CHOICES} are allowed")
             return cls("choice", _json.dumps(list(choice), ensure_ascii=False))
         if not isinstance(grammar, str) or not grammar.strip():
             raise ValueError(f"{prefix}grammar must be a non-empty string (Lark or GBNF)")
@@ -117,7 +122,101 @@ def canonical_schema(schema: Any, *, field: str = "json") -> str:
     except SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(root)"
         raise ValueError(f"{field} is not a valid JSON Schema at {where}: {e.message}") from None
+    if not has_finite_instance(schema):
+        raise ValueError(f"{field} has no finite instance: it requires itself (through $ref) "
+                         "with no way out, or requires a false schema; give the recursion a "
+                         "base case (an optional property, an empty array, an anyOf branch)")
     return _json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _local_ref(root: Any, ref: str) -> Any:
+    """The subschema a local `$ref` ("#", "#/$defs/x", ...) points to; None when unknown."""
+    if ref == "#":
+        return root
+    if not ref.startswith("#/"):
+        return None
+    node = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _children(node: dict) -> list[Any]:
+    out = []
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            out += node[key]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            out += node[key].values()
+    for key in (*_SUBSCHEMAS, "additionalProperties"):
+        if isinstance(node.get(key), dict | bool):
+            out.append(node[key])
+    return out
+
+
+def has_finite_instance(schema: Any) -> bool:
+    """False when no finite JSON value can satisfy `schema` because what it requires recurses
+    with no way out (`{"$ref": "#"}`, a required property that is the schema itself) or is
+    `false`. Conservative: keywords it does not model count as satisfiable, so True is not a
+    proof. Solved as a least fixpoint over the schema's nodes, without recursion."""
+    nodes: dict[int, Any] = {}
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if id(node) in nodes or not isinstance(node, dict | bool):
+            continue
+        nodes[id(node)] = node
+        if isinstance(node, dict):
+            stack += _children(node)
+            if isinstance(node.get("$ref"), str):
+                target = _local_ref(schema, node["$ref"])
+                if target is not None:
+                    stack.append(target)
+    ok = dict.fromkeys(nodes, False)
+
+    def satisfiable(sub: Any) -> bool:
+        return ok.get(id(sub), True) if isinstance(sub, dict | bool) else True
+
+    def evaluate(node: Any) -> bool:
+        if isinstance(node, bool):
+            return node
+        if isinstance(node.get("$ref"), str):
+            target = _local_ref(schema, node["$ref"])
+            if target is not None and not satisfiable(target):
+                return False
+        if isinstance(node.get("allOf"), list) and not all(map(satisfiable, node["allOf"])):
+            return False
+        for key in ("anyOf", "oneOf"):
+            if isinstance(node.get(key), list) and node[key] and not any(
+                    map(satisfiable, node[key])):
+                return False
+        props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        for name in node.get("required") or []:
+            if name in props and not satisfiable(props[name]):
+                return False
+        min_items = node.get("minItems", 0)
+        if isinstance(min_items, int) and min_items > 0:
+            prefix = node.get("prefixItems") if isinstance(node.get("prefixItems"), list) else []
+            if not all(map(satisfiable, prefix[:min_items])):
+                return False
+            if min_items > len(prefix) and not satisfiable(node.get("items", True)):
+                return False
+        return True
+
+    changed = True
+    while changed:
+        changed = False
+        for key, node in nodes.items():
+            if not ok[key] and evaluate(node):
+                ok[key] = changed = True
+    return satisfiable(schema)
 
 
 def tool_call_spec(tools: Sequence[Any] | None, tool_choice: Any) -> StructuredOutputSpec | None:
@@ -125,10 +224,14 @@ def tool_call_spec(tools: Sequence[Any] | None, tool_choice: Any) -> StructuredO
 
     tool_choice="required": a JSON array (at least one item) of {"name": N, "parameters": P},
     each item one of the tools: an anyOf over tools, N that tool's name and P its parameters
-    schema (as vLLM builds it, plus additionalProperties: false on each item, so no stray keys). `$defs` of the tools' parameters are hoisted to the top, so `#/$defs/...` refs keep
+    schema (as vLLM builds it, plus additionalProperties: false on each item, so no stray keys).
+    `$defs` of the tools' parameters are hoisted to the top, so `#/$defs/...` refs keep
     resolving; two tools defining the same name differently is a ValueError.
     tool_choice={"type": "function", "function": {"name": N}}: that tool's parameters schema
     (the output is the arguments object itself).
+    Either way the arguments are strict, as vLLM's: every object in a tool's parameters that
+    does not say otherwise gets `additionalProperties: false` (`close_objects`), so no argument
+    key the tool never declared is generated.
     "auto", "none" or None: None.
 
     `tools` are OpenAI tool objects: mappings (or pydantic models) with "type": "function" and
@@ -145,12 +248,14 @@ def tool_call_spec(tools: Sequence[Any] | None, tool_choice: Any) -> StructuredO
         for name, params in by_name.items():
             params = dict(params)
             for k, v in params.pop("$defs", {}).items():
+                v = close_objects(v)
                 if k in defs and defs[k] != v:
                     raise ValueError(f"tools: $defs {k!r} is defined differently by two tools")
                 defs[k] = v
             items.append({
                 "type": "object",
-                "properties": {"name": {"type": "string", "enum": [name]}, "parameters": params},
+                "properties": {"name": {"type": "string", "enum": [name]},
+                               "parameters": close_objects(params)},
                 "required": ["name", "parameters"],
                 "additionalProperties": False,
             })  # fmt: skip
@@ -166,7 +271,8 @@ def tool_call_spec(tools: Sequence[Any] | None, tool_choice: Any) -> StructuredO
     if name not in by_name:
         raise ValueError(f"tool_choice names function {name!r}, which is not in tools "
                          f"({sorted(by_name)})")
-    return StructuredOutputSpec.from_fields(json=by_name[name], prefix=f"tools[{name}].")
+    return StructuredOutputSpec.from_fields(json=close_objects(by_name[name]),
+                                            prefix=f"tools[{name}].")
 
 
 def _as_dict(x: Any) -> Any:

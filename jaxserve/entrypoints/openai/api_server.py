@@ -8,6 +8,9 @@ SIGTERM/SIGINT, letting in-flight requests finish for up to `--shutdown-timeout`
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import functools
 import hmac
 import importlib
 import inspect
@@ -42,13 +45,16 @@ from jaxserve.entrypoints.openai.protocol import (ChatCompletionRequest, Complet
 from jaxserve.entrypoints.openai.serving import RequestError, ServingOptions
 from jaxserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from jaxserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from jaxserve.entrypoints.http_common import (bind_socket, error_body, error_json,
+from jaxserve.entrypoints.http_common import (BodyError, bind_socket, error_body, error_json,
                                              graceful_server, read_json_object,
                                              unless_disconnected)
+from jaxserve.entrypoints.openai.chat_template import load_chat_template
 from jaxserve.metrics import Metrics
 
 logger = logging.getLogger("jaxserve.server")
 
+# `--max-request-body-bytes` when not given: larger bodies are refused with a 413.
+DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
 # Paths that answer without an API key.
 _OPEN_PATHS = {"/health", "/ping", "/version", "/metrics", "/openapi.json", "/docs"}
 
@@ -65,11 +71,15 @@ def _validation_error(e: pydantic.ValidationError) -> RequestError:
     return RequestError(f"{loc}: {msg}" if loc else msg, param=loc or None)
 
 
-async def _parse(request: Request, model: type[pydantic.BaseModel]):
+async def _read_body(request: Request, max_bytes: int | None) -> dict[str, Any]:
+    """The JSON object body; 413 past `max_bytes`, 400 for what is not a sound JSON object."""
     try:
-        body = await read_json_object(request)
-    except ValueError as e:
-        raise RequestError(str(e)) from None
+        return await read_json_object(request, max_bytes)
+    except BodyError as e:
+        raise RequestError(str(e), e.status) from None
+
+
+def _validate(body: dict[str, Any], model: type[pydantic.BaseModel]):
     try:
         parsed = model.model_validate(body)
     except pydantic.ValidationError as e:
@@ -79,20 +89,42 @@ async def _parse(request: Request, model: type[pydantic.BaseModel]):
     return parsed
 
 
-# ---- disconnects ---------------------------------------------------------------------------------
-async def _json_until_disconnect(request: Request, work: Awaitable[pydantic.BaseModel]
-                                 ) -> Response:
+# ---- disconnects and shutdown -------------------------------------------------------------------
+_SHUTTING_DOWN = "The server is shutting down; this response was cut short."
+
+
+async def _unless_stopped(work: Awaitable[pydantic.BaseModel], stopping: asyncio.Event):
+    """`work`'s result; if the server stops first, `work` is cancelled (its engine requests are
+    aborted) and the client gets a 503."""
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise RequestError(_SHUTTING_DOWN, 503)
+
+
+async def _json_until_disconnect(request: Request, work: Awaitable[pydantic.BaseModel],
+                                 stopping: asyncio.Event) -> Response:
     """The response `work` builds, as JSON; if the client goes away first, `work` is cancelled
     (which aborts its engine requests)."""
-    response = await unless_disconnected(request.receive, work)
+    response = await unless_disconnected(request.receive, _unless_stopped(work, stopping))
     return Response(status_code=499) if response is None else JSONResponse(
         response.model_dump())
 
 
 class _SSEResponse(StreamingResponse):
-    """Server-sent events that stop (and abort the request) as soon as the client leaves."""
+    """Server-sent events that stop (and abort the request) as soon as the client leaves, or
+    end with an error event and [DONE] when the server stops."""
 
-    def __init__(self, payloads: AsyncIterator[str]):
+    def __init__(self, payloads: AsyncIterator[str], stopping: asyncio.Event):
+        self.stopping = stopping
         super().__init__(_sse(payloads, self), media_type="text/event-stream")
         self.on_close: Callable[[], None] | None = None
 
@@ -103,27 +135,57 @@ class _SSEResponse(StreamingResponse):
         await unless_disconnected(receive, super().__call__(scope, never, send))
 
 
-async def _sse(payloads: AsyncIterator[str], response: _SSEResponse) -> AsyncIterator[str]:
-    """`data: ...` events, then `data: [DONE]`; a failure mid-stream is an error event first."""
+async def _until(items: AsyncIterator[str], stopping: asyncio.Event) -> AsyncIterator[str]:
+    """`items` until they end or `stopping` is set; then `items` is closed (its requests are
+    aborted)."""
+    it = aiter(items)
+    stop = asyncio.ensure_future(stopping.wait())
     try:
-        async for payload in payloads:
-            yield f"data: {payload}\n\n"
-    except RequestError as e:
-        yield f"data: {json.dumps(error_body(e.message, e.status))}\n\n"
-    except ValueError as e:
-        yield f"data: {json.dumps(error_body(str(e), 400))}\n\n"
-    except EngineDeadError:
-        logger.exception("engine failure during a stream")
-        yield f"data: {json.dumps(error_body('The engine has stopped.', 500))}\n\n"
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:  # noqa: BLE001 - reported to the client, the server carries on
-        logger.exception("failure during a stream")
-        yield f"data: {json.dumps(error_body(f'internal error: {e}', 500))}\n\n"
+        while True:
+            following = asyncio.ensure_future(anext(it))
+            await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                following.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await following
+                return
+            try:
+                item = following.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        stop.cancel()
+        if hasattr(it, "aclose"):
+            await it.aclose()
+
+
+async def _sse(payloads: AsyncIterator[str], response: _SSEResponse) -> AsyncIterator[str]:
+    """`data: ...` events, then `data: [DONE]`; a failure mid-stream, or the server stopping,
+    is an error event first."""
+    try:
+        try:
+            async for payload in _until(payloads, response.stopping):
+                yield f"data: {payload}\n\n"
+            if response.stopping.is_set():
+                yield f"data: {json.dumps(error_body(_SHUTTING_DOWN, 503))}\n\n"
+        except RequestError as e:
+            yield f"data: {json.dumps(error_body(e.message, e.status))}\n\n"
+        except ValueError as e:
+            yield f"data: {json.dumps(error_body(str(e), 400))}\n\n"
+        except EngineDeadError:
+            logger.exception("engine failure during a stream")
+            yield f"data: {json.dumps(error_body('The engine has stopped.', 500))}\n\n"
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - reported to the client, the server carries on
+            logger.exception("failure during a stream")
+            message = "Internal server error (details are in the server's log)."
+            yield f"data: {json.dumps(error_body(message, 500))}\n\n"
+        yield "data: [DONE]\n\n"
     finally:
         if response.on_close is not None:
             response.on_close()
-    yield "data: [DONE]\n\n"
 
 
 # ---- middleware ----------------------------------------------------------------------------------
@@ -238,12 +300,21 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
         max_log_len=_opt(ns, "max_log_len"),
         enable_auto_tool_choice=bool(_opt(ns, "enable_auto_tool_choice", False)),
         tool_call_parser=_opt(ns, "tool_call_parser") or None,
-        reasoning_parser=_opt(ns, "reasoning_parser") or None)
-    chat_template = None
-    if _opt(ns, "chat_template"):
-        from jaxserve.engine.llm_engine import _read_chat_template
+        reasoning_parser=_opt(ns, "reasoning_parser") or None,
+        trust_request_chat_template=bool(_opt(ns, "trust_request_chat_template", False)))
+    chat_template = load_chat_template(_opt(ns, "chat_template"))
+    max_body = _opt(ns, "max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES)
+    max_body = None if max_body <= 0 else max_body
+    # NOTE: templates, tokenizing and detokenizing run here, never on the event loop.
+    prepare_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="jaxserve-prepare")
 
-        chat_template = _read_chat_template(ns.chat_template)
+    async def off_loop(fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(
+            prepare_pool, functools.partial(fn, *args, **kwargs))
+
+    async def parse(request: Request, model: type[pydantic.BaseModel]):
+        body = await _read_body(request, max_body)
+        return await asyncio.to_thread(_validate, body, model)  # a large body takes a while
     completions = OpenAIServingCompletion(engine, options)
     chat = OpenAIServingChat(engine, options, chat_template=chat_template)
     if core.metrics is None:
@@ -254,6 +325,20 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
             "enable_prefix_caching": str(cache.enable_prefix_caching)})
     metrics = core.metrics
     load = {"in_flight": 0}
+    stopping = asyncio.Event()  # set when the server stops: open responses end with a 503
+
+    async def drain(timeout: float) -> None:
+        """On shutdown: let requests in flight finish for up to `timeout` s, then end the rest
+        (streams with an error event and [DONE], others with a 503)."""
+        deadline = time.monotonic() + max(timeout, 0)
+        while load["in_flight"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if load["in_flight"]:
+            logger.info("shutting down: ending %d responses in flight", load["in_flight"])
+        stopping.set()
+        deadline = time.monotonic() + 5
+        while load["in_flight"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     def base_id(request: Request, body_id: str | None, prefix: str) -> str:
         return f"{prefix}-{body_id or request.headers.get('x-request-id') or uuid.uuid4().hex}"
@@ -275,6 +360,8 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
                 return response
             except RequestError as e:
                 return error_response(e)
+            except RecursionError:
+                return error_json("The request is nested too deeply to process.", 400)
             except EngineDeadError:
                 logger.exception("the engine has stopped")
                 return error_json("The engine has stopped; restart the server.", 500)
@@ -284,24 +371,25 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
         return route
 
     async def create_completion(request: Request) -> Response:
-        req = await _parse(request, CompletionRequest)
+        req = await parse(request, CompletionRequest)
         request_id = base_id(request, req.request_id, "cmpl")
-        prompts = completions.prepare(req, engine_id(request_id))
+        prompts = await off_loop(completions.prepare, req, engine_id(request_id))
         await completions.compile_grammar(prompts[0].params, prompts[0].constraint_param)
         if req.stream:
-            return _SSEResponse(completions.stream(req, request_id, prompts))
-        return await _json_until_disconnect(request, completions.complete(req, request_id,
-                                                                          prompts))
+            return _SSEResponse(completions.stream(req, request_id, prompts), stopping)
+        return await _json_until_disconnect(
+            request, completions.complete(req, request_id, prompts), stopping)
 
     async def create_chat_completion(request: Request) -> Response:
-        req = await _parse(request, ChatCompletionRequest)
+        req = await parse(request, ChatCompletionRequest)
         request_id = base_id(request, req.request_id, "chatcmpl")
-        prompt = chat.prepare(req)
+        prompt = await off_loop(chat.prepare, req)
         await chat.compile_grammar(prompt.params, prompt.constraint_param)
         eid = engine_id(request_id)
         if req.stream:
-            return _SSEResponse(chat.stream(req, request_id, eid, prompt))
-        return await _json_until_disconnect(request, chat.complete(req, request_id, eid, prompt))
+            return _SSEResponse(chat.stream(req, request_id, eid, prompt), stopping)
+        return await _json_until_disconnect(
+            request, chat.complete(req, request_id, eid, prompt), stopping)
 
     async def list_models(request: Request) -> Response:
         cards = [ModelCard(id=name, root=core.model_path, max_model_len=core.max_model_len)
@@ -315,36 +403,39 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
                                       max_model_len=core.max_model_len).model_dump())
 
     async def tokenize(request: Request) -> Response:
-        try:
-            body = await read_json_object(request)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
+        body = await _read_body(request, max_body)
         if "messages" in body:
-            req = await _parse(request, TokenizeChatRequest)
+            req = _validate(body, TokenizeChatRequest)
             chat.check_model(req.model)
-            text = chat.render(req.messages, add_generation_prompt=req.add_generation_prompt,
-                               continue_final_message=req.continue_final_message,
-                               chat_template=req.chat_template,
-                               chat_template_kwargs=req.chat_template_kwargs, tools=req.tools)
+            text = await off_loop(
+                chat.render, req.messages, add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs,
+                tools=req.tools)
         else:
-            req = await _parse(request, TokenizeCompletionRequest)
+            req = _validate(body, TokenizeCompletionRequest)
             chat.check_model(req.model)
             text = req.prompt
-        ids = chat.tokenizer(text, add_special_tokens=req.add_special_tokens).input_ids
-        strs = chat.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+
+        def encode():
+            ids = chat.tokenizer(text, add_special_tokens=req.add_special_tokens).input_ids
+            return ids, (chat.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs
+                         else None)
+
+        ids, strs = await off_loop(encode)
         return JSONResponse(TokenizeResponse(count=len(ids), max_model_len=core.max_model_len,
                                              tokens=ids, token_strs=strs).model_dump())
 
     async def detokenize(request: Request) -> Response:
-        req = await _parse(request, DetokenizeRequest)
+        req = await parse(request, DetokenizeRequest)
         chat.check_model(req.model)
         vocab = core.model_config.vocab_size
         bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError(f"Token id {bad} is out of vocabulary (size {vocab}).",
                                param="tokens")
-        return JSONResponse(DetokenizeResponse(prompt=chat.tokenizer.decode(req.tokens))
-                            .model_dump())
+        text = await off_loop(chat.tokenizer.decode, req.tokens)
+        return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
 
     async def health(request: Request) -> Response:
         if engine.dead_error is not None:
@@ -404,12 +495,13 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error on %s", request.url.path)
-        return error_json(f"internal error: {exc}", 500)
+        return error_json("Internal server error (details are in the server's log).", 500)
 
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={HTTPException: http_error, Exception: internal_error})
     app.state.engine = engine
     app.state.load = load
+    app.state.drain = drain
     return app
 
 
@@ -484,6 +576,7 @@ def uvicorn_config(ns: Namespace, app: Starlette):
 
 def run_server(ns: Namespace) -> int:
     """`jaxserve serve`: bind, start the engine, serve until SIGTERM or SIGINT; returns 0."""
+    load_chat_template(_opt(ns, "chat_template"))  # a missing file fails before the slow start
     sock = bind_socket(_opt(ns, "host"), _opt(ns, "port", 8000))
     early_logs = None
     if _opt(ns, "gateway_address") and _opt(ns, "log_streaming", True):
@@ -504,7 +597,8 @@ def run_server(ns: Namespace) -> int:
     gateway = _gateway_client(ns, engine, scheme, host, port, early_logs,
                               ready=lambda: server.started and engine.dead_error is None)
     # On SIGTERM the Gateway hears first (it stops routing here), then in-flight requests drain.
-    server = graceful_server(config, on_exit=gateway.stop_soon if gateway else None)
+    server = graceful_server(config, on_exit=gateway.stop_soon if gateway else None,
+                             drain=app.state.drain)
     if gateway is not None:
         gateway.start()
     try:

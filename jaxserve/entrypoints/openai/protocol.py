@@ -77,7 +77,10 @@ Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
 class _SamplingFields(OpenAIBaseModel):
-    """Fields both endpoints share: OpenAI's, then vLLM's extras."""
+    """Fields both endpoints share: OpenAI's, then vLLM's extras. Numbers must be finite: JSON's
+    NaN and Infinity (which Python's parser takes) are a 400."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None
     frequency_penalty: float | None = 0.0

@@ -36,6 +36,8 @@ class RequestError(Exception):
 
 
 SYSTEM_FINGERPRINT = f"jaxserve-{__version__}"
+# A request whose grammar is not compiled by then is refused (the compile runs on, cached).
+GRAMMAR_COMPILE_TIMEOUT_S = 30.0
 
 
 def value_error(e: ValueError, fields) -> RequestError:
@@ -91,6 +93,8 @@ class ServingOptions:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    trust_request_chat_template: bool = False
+    chat_template_timeout_s: float = 5.0  # a render past this is stopped (a 400)
 
 
 class OpenAIServing:
@@ -201,9 +205,25 @@ class OpenAIServing:
         try:
             future = await loop.run_in_executor(self._grammar_submit, self.core.compile_grammar,
                                                 params)
-            await asyncio.wrap_future(future)
+            # NOTE: shielded: the compile (cached, shared by requests) runs on if this one leaves.
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)),
+                                   GRAMMAR_COMPILE_TIMEOUT_S)
         except ValueError as e:
             raise RequestError(str(e), param=param) from None
+        except TimeoutError:
+            raise RequestError(f"The output constraint did not compile within "
+                               f"{GRAMMAR_COMPILE_TIMEOUT_S:g} s; give a smaller one.",
+                               param=param) from None
+
+    @staticmethod
+    def check_constrained_finish(params: SamplingParams, reason: str | None,
+                                 param: str | None) -> None:
+        """A constrained output the engine stopped mid-grammar ("abort") would break its
+        constraint: the client gets this error instead of the text."""
+        if reason == "abort" and params.structured_outputs is not None:
+            raise RequestError("The output could not be completed under its constraint: the "
+                               "grammar library stopped it (the grammar is too complex, or no "
+                               "output within the limits satisfies it).", param=param)
 
     # ---- engine ----------------------------------------------------------------------------
     def generate(self, request_id: str, ids: list[int], params: SamplingParams, *,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jaxserve.entrypoints.openai.chat_output import ChoiceOutput, finish_reason
+from jaxserve.entrypoints.openai.chat_template import TemplateLimitError, render_bounded
 from jaxserve.entrypoints.openai.protocol import (AssistantMessage, ChatCompletionLogProbs,
                                                   ChatCompletionRequest, ChatCompletionResponse,
                                                   ChatCompletionResponseChoice,
@@ -45,6 +46,8 @@ class OpenAIServingChat(OpenAIServing):
     def __init__(self, *args, chat_template: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.chat_template = chat_template or self.core.chat_template
+        # A rendered prompt longer than this cannot fit the context anyway.
+        self.max_template_chars = max(1 << 20, 64 * self.max_model_len)
         name = self.options.reasoning_parser
         self.reasoning_parser = ReasoningParserManager.get(name) if name else None
         if self.options.tool_call_parser:
@@ -72,6 +75,10 @@ class OpenAIServingChat(OpenAIServing):
                chat_template_kwargs: dict[str, Any] | None = None,
                tools: list | None = None, documents: list | None = None) -> str:
         """The chat template applied; a template error is the user's (400)."""
+        if chat_template is not None and not self.options.trust_request_chat_template:
+            raise RequestError("Chat templates sent in requests are refused: this server does "
+                               "not run with --trust-request-chat-template.",
+                               param="chat_template")
         template = chat_template or self.chat_template
         if template is None:
             raise RequestError("The model has no chat template: start the server with "
@@ -85,11 +92,17 @@ class OpenAIServingChat(OpenAIServing):
             raise RequestError("continue_final_message needs the last message to be the "
                                "assistant's", param="messages")
         try:
-            return self.tokenizer.apply_chat_template(
-                self.conversation(messages), chat_template=template, tokenize=False,
+            return render_bounded(
+                self.tokenizer, self.conversation(messages), template=template,
+                timeout_s=self.options.chat_template_timeout_s,
+                max_chars=self.max_template_chars,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message, tools=tools,
                 documents=documents, **kwargs)
+        except TemplateLimitError as e:
+            raise RequestError(f"The chat template was stopped: {e}.", param="messages") from None
+        except RecursionError:
+            raise RequestError("The chat template recursed too deeply.", param="messages") from None
         except Exception as e:  # noqa: BLE001 - jinja errors come from the user's messages
             raise RequestError(f"The chat template could not be applied to these messages: "
                                f"{e}", param="messages") from None
@@ -187,6 +200,7 @@ class OpenAIServingChat(OpenAIServing):
             raise RequestError(str(e)) from None
         choices = []
         for c in final.outputs:
+            self.check_constrained_finish(prompt.params, c.finish_reason, prompt.constraint_param)
             message, reason = self.message(request, prompt, c.text, c.finish_reason)
             choices.append(ChatCompletionResponseChoice(
                 index=c.index, message=message,
@@ -242,6 +256,8 @@ class OpenAIServingChat(OpenAIServing):
                                 logprobs=None, finish_reason=None)], usage)
                 if not c.text and not c.token_ids and c.finish_reason is None:
                     continue
+                self.check_constrained_finish(prompt.params, c.finish_reason,
+                                              prompt.constraint_param)
                 if c.index not in parsers:
                     parsers[c.index] = self.choice_output(request, prompt)
                 for choice in self._stream_choices(request, prompt, c, parsers[c.index]):

@@ -122,6 +122,7 @@ class OpenAIServingCompletion(OpenAIServing):
             cached += out.num_cached_tokens
             echo = self._prompt_text(p) if request.echo else None
             for c in out.outputs:
+                self.check_constrained_finish(p.params, c.finish_reason, p.constraint_param)
                 completion_tokens += len(c.token_ids)
                 logprobs = None
                 if request.logprobs is not None:
@@ -161,6 +162,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 seen_cached.add(i)
                 cached += out.num_cached_tokens
             for c in out.outputs:
+                self.check_constrained_finish(p.params, c.finish_reason, p.constraint_param)
                 st = states[(i, c.index)]
                 echo = None
                 if request.echo and not st.echoed:  # the choice's first chunk
