@@ -7,10 +7,11 @@ long string arrays only when asked) and builds a `tokenizers` BPE tokenizer, wra
 `transformers.PreTrainedTokenizerFast` so the rest of jaxserve sees the usual interface.
 
 `transformers` can do this too (`AutoTokenizer.from_pretrained(folder, gguf_file=...)`), but its GGUF
-reader imports torch, and serving must not need torch. Only byte-level BPE vocabularies
-(`tokenizer.ggml.model == "gpt2"`: SmolLM, Llama 3, Qwen 2/3, ...) are built here; a file with a
-sentencepiece or other vocabulary goes to transformers, which then needs torch
-(`gguf_tokenizer` says so).
+reader imports torch, and serving must not need torch. Two kinds of vocabulary are built here:
+byte-level BPE (`tokenizer.ggml.model == "gpt2"`: SmolLM, Llama 3, Qwen 2/3, ...) and sentencepiece
+BPE (`"llama"` in a llama file: Llama 2, Mistral, TinyLlama, ...), whose merges, when the file has
+none, follow from the token scores. Other vocabularies (Gemma's sentencepiece, with its own quirks,
+unigram, ...) go to transformers, which then needs torch (`gguf_tokenizer` says so).
 
 Text is split before BPE as llama.cpp splits it for the file's `tokenizer.ggml.pre`
 (`_PRE_SPLITS`); a name not in that table gets GPT-2's split, as in transformers. The tests compare
@@ -24,6 +25,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from .gguf_weights import SUPPORTED_GGUF_ARCHITECTURES
 
 if TYPE_CHECKING:
     from .gguf_weights import GGUFFile
@@ -56,13 +59,17 @@ class GGUFVocab:
 
     def __init__(self, gguf: GGUFFile):
         self.path = gguf.path
+        self.architecture = gguf.architecture
         self.model = gguf.field("tokenizer.ggml.model")
         self.pre = gguf.field("tokenizer.ggml.pre")
         self.tokens: list[str] = gguf.field("tokenizer.ggml.tokens") or []
         self.token_types: list[int] = gguf.field("tokenizer.ggml.token_type") or []
         self.merges: list[str] = gguf.field("tokenizer.ggml.merges") or []
+        self.scores: list[float] = gguf.field("tokenizer.ggml.scores") or []
         self.chat_template: str | None = gguf.field("tokenizer.chat_template")
-        self.add_bos_token: bool = bool(gguf.field("tokenizer.ggml.add_bos_token", False))
+        # NOTE: llama.cpp adds BOS to a sentencepiece vocabulary whose file does not say.
+        add_bos = gguf.field("tokenizer.ggml.add_bos_token", self.model == "llama")
+        self.add_bos_token: bool = bool(add_bos)
         self.add_eos_token: bool = bool(gguf.field("tokenizer.ggml.add_eos_token", False))
         self.special_ids = {
             name: gguf.field(f"tokenizer.ggml.{key}")
@@ -82,14 +89,18 @@ def gguf_tokenizer(gguf: GGUFFile, **kwargs: Any):
     """A `transformers.PreTrainedTokenizerFast` for GGUF file `gguf`; `kwargs` go to its
     constructor (or to `AutoTokenizer` for vocabularies built by transformers)."""
     vocab = GGUFVocab(gguf)
-    if vocab.model != "gpt2":
+    if vocab.model == "gpt2":
+        tokenizer = byte_level_bpe(vocab)
+    elif vocab.model == "llama" and vocab.architecture in _SENTENCEPIECE_ARCHITECTURES:
+        tokenizer = sentencepiece_bpe(vocab)
+    else:
         return _transformers_gguf_tokenizer(vocab, kwargs)
     from transformers import PreTrainedTokenizerFast
 
     kwargs.pop("trust_remote_code", None)  # nothing remote to trust: all of it is in the file
     specials = {name: vocab.special_token(name) for name in vocab.special_ids}
     return PreTrainedTokenizerFast(
-        tokenizer_object=byte_level_bpe(vocab),
+        tokenizer_object=tokenizer,
         chat_template=vocab.chat_template,
         add_bos_token=vocab.add_bos_token,
         add_eos_token=vocab.add_eos_token,
@@ -114,22 +125,63 @@ def byte_level_bpe(vocab: GGUFVocab) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE(ids, merges, fuse_unk=False, byte_fallback=False))
     tokenizer.pre_tokenizer = _pre_tokenizer(vocab.pre)
     tokenizer.decoder = decoders.ByteLevel()
-    types = vocab.token_types or [_NORMAL] * len(vocab.tokens)
-    # Control tokens (<|im_start|>, <|endoftext|>) are special: matched whole, skipped by
-    # decode(skip_special_tokens=True). One with characters outside the byte alphabet is a
-    # mislabelled piece of text, not a control token (adding it would grow the vocabulary).
-    tokenizer.add_special_tokens([
-        AddedToken(token, special=True, normalized=False)
-        for token, kind in zip(vocab.tokens, types)
-        if kind == _CONTROL and set(token) <= spelled
-    ])  # fmt: skip
-    # User-defined tokens (<think>, ...) are matched whole in the text too, but are not special.
-    tokenizer.add_tokens([
-        AddedToken(token, special=False, normalized=False)
-        for token, kind in zip(vocab.tokens, types)
-        if kind == _USER_DEFINED and token in ids
-    ])  # fmt: skip
+    # NOTE: a control token with characters outside the byte alphabet is a mislabelled piece of
+    # text, not a control token (adding it would grow the vocabulary).
+    _add_marked_tokens(tokenizer, vocab, lambda token: set(token) <= spelled and token in ids)
     return tokenizer
+
+
+# Architectures whose "llama" (sentencepiece) vocabulary is plain: Gemma's is not (its whitespace
+# tokens and merge order need transformers' handling).
+_SENTENCEPIECE_ARCHITECTURES = tuple(a for a in SUPPORTED_GGUF_ARCHITECTURES if a != "gemma2")
+
+
+def sentencepiece_bpe(vocab: GGUFVocab) -> Tokenizer:
+    """The `tokenizers.Tokenizer` of a sentencepiece BPE vocabulary ("llama" in GGUF terms): "▁"
+    for a space (and one before the text), bytes of unknown characters as <0xNN> tokens."""
+    ids = {token: i for i, token in enumerate(vocab.tokens)}
+    if vocab.merges:
+        merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
+    else:
+        merges = _merges_from_scores(vocab.tokens, vocab.scores)
+    tokenizer = Tokenizer(models.BPE(ids, merges, fuse_unk=True, byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Sequence([
+        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+        decoders.Strip(" ", 1, 0),
+    ])  # fmt: skip
+    _add_marked_tokens(tokenizer, vocab, lambda token: True)
+    return tokenizer
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a sentencepiece vocabulary: every split of a token into two tokens of
+    the vocabulary, the best-scored result first (sentencepiece merges the best-scored pair)."""
+    if len(scores) != len(tokens):
+        raise ValueError(f"a sentencepiece vocabulary of {len(tokens)} tokens has "
+                         f"{len(scores)} scores and no merges: the file is incomplete.")
+    ids = {token: i for i, token in enumerate(tokens)}
+    found = []
+    for token, score in zip(tokens, scores):
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in ids and right in ids:
+                found.append((-score, ids[token], ids[left], ids[right], left, right))
+    return [(left, right) for *_, left, right in sorted(found)]
+
+
+def _add_marked_tokens(tokenizer: Tokenizer, vocab: GGUFVocab, keep) -> None:
+    """Control tokens (<|im_start|>, <s>) become special tokens: matched whole, dropped by
+    decode(skip_special_tokens=True); user-defined ones (<think>) are matched whole but are not
+    special. `keep(token)` says which of them are real."""
+    types = vocab.token_types or [_NORMAL] * len(vocab.tokens)
+    marked = [(t, kind) for t, kind in zip(vocab.tokens, types)
+              if kind in (_CONTROL, _USER_DEFINED) and keep(t)]  # fmt: skip
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, kind in marked if kind == _CONTROL])  # fmt: skip
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, kind in marked if kind == _USER_DEFINED])  # fmt: skip
 
 
 def _pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:

@@ -138,7 +138,8 @@ class GGUFFile:
 
     def _cached_hf_config(self) -> dict[str, Any]:
         """`_hf_config`, kept under `~/.cache/jaxserve/gguf-config`: building it imports
-        transformers' GGUF integration, which imports torch (seconds of every start-up)."""
+        transformers' GGUF integration, which imports torch where torch is installed (seconds of
+        every start-up; without torch it works the same)."""
         cached = derived_cache_path("gguf-config", self.path) + ".json"
         try:
             with open(cached) as f:
@@ -195,12 +196,12 @@ class GGUFFile:
 def derived_cache_path(kind: str, path: str) -> str:
     """Where to keep something derived from file `path`: `~/.cache/jaxserve/<kind>/<key>`, the key
     a hash of the file's absolute path, size and mtime (so a changed file is derived again) and of
-    the transformers version that derived it."""
-    import transformers
+    the transformers version that derived it (read from its metadata: no import)."""
+    from importlib.metadata import version
 
     path = os.path.abspath(path)
     st = os.stat(path)
-    ident = f"{path}:{st.st_size}:{st.st_mtime_ns}:{transformers.__version__}"
+    ident = f"{path}:{st.st_size}:{st.st_mtime_ns}:{version('transformers')}"
     key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", kind, key)
 

@@ -162,6 +162,55 @@ def test_written_vocab_equals_transformers(tmp_path, pre, add_bos):
         "<|begin|>hi<|end|>")
 
 
+def _write_sentencepiece_gguf(path) -> None:
+    """A llama GGUF without tensors with a sentencepiece vocabulary as llama.cpp writes one:
+    <unk>, <s>, </s>, the 256 byte tokens, then pieces with scores and no merges."""
+    from gguf import GGUFWriter, TokenType
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+    pieces = ["▁", "t", "h", "e", "▁t", "he", "th", "the", "▁the", "▁th", "i", "n", "in", "▁in",
+              "▁a", "a", "o", "u", "ou", "▁y", "y", "▁▁", "1", "2", "12", "▁1", "▁12", "é", "ll",
+              "l", "hé", "▁hé", "▁▁▁"]
+    tokens += pieces + ["<tool>"]
+    types += [TokenType.NORMAL] * len(pieces) + [TokenType.USER_DEFINED]
+    scores = [0.0] * 259 + [-float(i * 7 % 11) - i / 100 for i in range(len(pieces))] + [0.0]
+    w = GGUFWriter(str(path), "llama")
+    for add, value in (("block_count", 1), ("context_length", 64), ("embedding_length", 16),
+                       ("feed_forward_length", 32), ("head_count", 2), ("head_count_kv", 1),
+                       ("layer_norm_rms_eps", 1e-6), ("vocab_size", len(tokens))):  # fmt: skip
+        getattr(w, f"add_{add}")(value)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_written_sentencepiece_vocab_equals_transformers(tmp_path):
+    """Merges from scores, "▁" for spaces, byte fallback, BOS by default (llama.cpp's rule for a
+    sentencepiece file that does not say), user-defined tokens whole: ids equal transformers'."""
+    _write_sentencepiece_gguf(tmp_path / "spm.gguf")
+    tok = resolve_model(str(tmp_path / "spm.gguf")).load_tokenizer()
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    assert len(tok) == len(ref) == 293
+    assert tok.special_tokens_map == ref.special_tokens_map
+    texts = TEXTS + ["the thin  héllo 12 112 1212", "<s>in</s>", " a  <tool>the"]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text), text
+        assert ids[0] == tok.bos_token_id == 1
+        assert tok.decode(ids) == ref.decode(ids), text
+        assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    assert tok.decode(tok.encode("héllo wörld 😀"), skip_special_tokens=True) == "héllo wörld 😀"
+
+
 # NOTE: runs in a fresh interpreter with an empty HOME (nothing cached), where `import torch`
 # fails as it does where torch is not installed.
 _NO_TORCH = textwrap.dedent("""
