@@ -6,8 +6,8 @@ the chat template as metadata. `gguf_tokenizer` reads those (through `GGUFFile`,
 long string arrays only when asked) and builds a `tokenizers` BPE tokenizer, wrapped in
 `transformers.PreTrainedTokenizerFast` so the rest of jaxserve sees the usual interface.
 
-`transformers` can do this too (`AutoTokenizer.from_pretrained(folder, gguf_file=...)`), but its GGUF
-reader imports torch, and serving must not need torch. Two kinds of vocabulary are built here:
+`transformers` can do this too (`AutoTokenizer.from_pretrained(folder, gguf_file=...)`), but its
+GGUF reader imports torch, and serving must not need torch. Two kinds of vocabulary are built here:
 byte-level BPE (`tokenizer.ggml.model == "gpt2"`: SmolLM, Llama 3, Qwen 2/3, ...) and sentencepiece
 BPE (`"llama"` in a llama file: Llama 2, Mistral, TinyLlama, ...), whose merges, when the file has
 none, follow from the token scores. Other vocabularies (Gemma's sentencepiece, with its own quirks,
@@ -15,7 +15,9 @@ unigram, ...) go to transformers, which then needs torch (`gguf_tokenizer` says 
 
 Text is split before BPE as llama.cpp splits it for the file's `tokenizer.ggml.pre`
 (`_PRE_SPLITS`); a name not in that table gets GPT-2's split, as in transformers. The tests compare
-ids with transformers' own GGUF loader.
+ids with transformers' own GGUF loader, which knows fewer names: for "smollm" it does not split
+digits one by one, as llama.cpp and SmolLM's own tokenizer.json do (on the default model, whose
+vocabulary has no multi-digit token, the ids agree).
 """
 
 from __future__ import annotations
