@@ -36,15 +36,22 @@ of power-of-two chunks (80 = 64 + 16), since Triton tensors must have power-of-t
 stacked cache `f[L, pages, ...]` is viewed as `f[L * pages, ...]` and the layer becomes an
 offset added to every page id, so `layer` may be traced.
 
-A quantised cache (int8 or float8_e4m3fn data, one float32 scale per token and head) is read as
-its data converted to the MMA dtype, with the key scales applied to the score columns and the
-value scales to the probability columns, so no dequantised page is ever built. The MMA dtype is
-the cache's for a float cache; for a quantised one, bfloat16 when q is bfloat16 and float32
-otherwise. New K/V are written by `ref.write_kv` first; the kernel only reads the cache.
+A quantised cache (int8, float8_e4m3fn or float8_e5m2 data, one float32 scale per token and
+head) is read as its data converted to the MMA dtype, with the key scales applied to the score
+columns and the value scales to the probability columns, so no dequantised page is ever built.
+The MMA dtype is the cache's for a float cache; for a quantised one, bfloat16 when q is bfloat16
+and float32 otherwise. New K/V are written by `ref.write_kv` first; the kernel only reads the cache.
 
-Not yet verified on a GPU: this module's tests run the kernel in interpret mode and lower it to
-Triton IR on CPU; the Triton compiler's own passes and the speed need an H100 run. The block
-size and warp/stage counts are untuned defaults.
+What compiles where (deviceless: XLA GPU, Triton and ptxas from jax-cuda12-plugin 0.10.2 for an
+H100 target; `pytest -m aot`, `scripts/aot_sweep.py`, docs/performance.md): float32, bfloat16,
+int8, float8_e4m3fn and float8_e5m2 caches, head dims 64, 128 and 256, GQA ratios 1, 2, 3, 4 and
+8, 1 to 4 KV heads per shard (one per shard over two H100s), page sizes 16 (the default), 32 and
+64, sliding window, soft cap, stacked caches and every batch kind. H200 is the same SM 9.0 part.
+
+Known limits: numbers are checked in interpret mode on CPU and builds by the H100 target's
+compiler, not yet run on a GPU; speed is unmeasured. The block size and warp/stage counts are
+untuned defaults. Page sizes must be powers of two in [16, 256] and head dims multiples of 16
+(a ValueError names the value otherwise).
 """
 
 from __future__ import annotations
@@ -193,7 +200,7 @@ def _dot_dtype(q_dtype, cache_dtype):
 def _check_supported(q, kv_cache, layer, block_rows, block_kv) -> None:
     dtype = jnp.dtype(kv_cache.dtype)
     if dtype not in CACHE_DTYPES and not is_quantized_dtype(dtype):
-        raise ValueError(f"the gpu kernel reads float32, bfloat16, int8 or float8_e4m3fn caches, "
+        raise ValueError(f"the gpu kernel reads float32, bfloat16, int8 or float8 caches, "
                          f"got {kv_cache.dtype=}; use the ref backend")
     if kv_cache.ndim != (4 if layer is None else 5):
         raise ValueError(f"kv_cache must be f[pages, page_size, 2K, H], or f[L, ...] with layer=; "

@@ -27,20 +27,36 @@ Layout of the kernel:
 New K/V are written by `ref.write_kv` (XLA scatter, in place on the donated cache) before the
 kernel runs; the kernel only reads the cache.
 
-Tuning: `block_tokens` (bq, a multiple of 16; by default 128 / G tokens, at least 16) and
-`block_pages` (pp; default 256 tokens of context, capped so the two KV buffers stay under 8 MiB).
-Neither has been tuned on hardware, nor has DEFAULT_PAGE_SIZE.
+Tuning: `block_tokens` (bq, a multiple of 16 so that `bq * G` rows fill Mosaic's sublane
+tiles for any GQA ratio; by default 128 / G tokens rounded down to a multiple of 16, at least 16)
+and `block_pages` (pp; default 256 tokens of context, capped so the two KV buffers stay under
+8 MiB). Neither has been tuned on hardware, nor has DEFAULT_PAGE_SIZE.
 
-Known limits (verified in interpret mode on CPU, and lowered to Mosaic with Pallas' lowering
-rules, but never compiled by Mosaic or run on a real TPU):
+MXU precision: float32 operands (a float32 q) ask for `Precision.HIGHEST`; bfloat16 operands
+take the default, with float32 accumulation (`preferred_element_type`). Mosaic rejects an
+explicit precision on bfloat16 operands ("Bad lhs type").
+
+What compiles where (deviceless, with libtpu 0.0.42.1 and jax 0.10.2: `pytest -m aot`,
+`scripts/aot_sweep.py`, docs/performance.md): Mosaic builds this kernel for TPU v5e, v6e and
+v5p for float32, bfloat16, int8, float8_e4m3fn and float8_e5m2 caches (bfloat16 q with an 8-bit
+or bfloat16 cache, float32 q with a float32 or int8 one), head dims 64, 128 and 256, GQA ratios
+1, 2, 3, 4 and 8, 1 to 4 KV heads per shard (one per shard under tensor parallelism), page
+sizes 16 to 128, sliding window, soft cap, stacked caches with a traced layer, and decode-only,
+prefill-only and mixed batches. An 8-bit cache is converted to float32 in VMEM (the scale is
+applied there), so v5e, which has no float8 arithmetic, compiles float8 caches too. Nothing was
+padded or refused.
+
+Known limits:
+- Never run on a real TPU: numbers are checked in interpret mode on CPU, builds by Mosaic
+  deviceless; speed is unmeasured.
 - page_indices live in SMEM (`S * P` int32), as do the other prefetched scalars; very large
   batches times page tables may not fit.
+- The VMEM page buffer keeps the cache's `[page_size, 2K, H]` layout, and each head is a strided
+  load from it: with few KV heads per shard Mosaic may pad the `2K` rows to its sublane tile, so
+  VMEM use can exceed the 8 MiB budget, which counts unpadded bytes (not measured).
 - A program's first KV block is not prefetched by the previous program.
 - Each sequence is computed over all of the program's rows (masked), so a program of `bq`
   decode sequences does `bq` times the MXU work it needs; decode is bound by HBM reads anyway.
-- Mosaic layout rules: `page_size` should be a multiple of 8 (16 for bfloat16, 32 for 8-bit
-  caches) and `head_dim` a multiple of 128 for the per-head loads and the `[pp, page_size, H]
-  -> [pp * page_size, H]` reshapes to lower well; other sizes run in interpret mode only.
 - `sm_scale` and `soft_cap` are Python numbers (static); the window and layer may be traced.
 """
 

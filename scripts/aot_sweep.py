@@ -37,6 +37,8 @@ def main(argv=None) -> int:
                         help="the all-pairs subset instead of the full cross product")
     parser.add_argument("--out", default=os.path.join("docs", "results", "aot_sweep.json"))
     parser.add_argument("--case-timeout", type=float, default=600.0)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the results already in --out and compile only the other cases")
     args = parser.parse_args(argv)
 
     cases = []
@@ -52,14 +54,21 @@ def main(argv=None) -> int:
             "jax": jax.__version__, "plugins": plugin_versions(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     results = []
+    if args.resume and os.path.exists(args.out):
+        with open(args.out) as f:
+            results = [aot_runner.Result(aot.KernelCase.from_json(d["case"]), d["status"],
+                                         d["seconds"], d["error"]) for d in json.load(f)["results"]]
+        done = {r.case for r in results}
+        cases = [c for c in cases if c not in done]
     start = time.perf_counter()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    total = len(results) + len(cases)
 
     def on_result(r: aot_runner.Result) -> None:
         results.append(r)
         secs = f"{r.seconds:7.2f}" if r.seconds is not None else "      -"
         first = next((ln for ln in r.error.splitlines() if ln.strip()), "")
-        print(f"[{len(results)}/{len(cases)}] {r.case.name}  {secs}  {r.status}  {first[:160]}",
+        print(f"[{len(results)}/{total}] {r.case.name}  {secs}  {r.status}  {first[:160]}",
               flush=True)
         with open(args.out, "w") as f:
             json.dump({**meta, "wall_seconds": round(time.perf_counter() - start, 1),
@@ -73,7 +82,8 @@ def main(argv=None) -> int:
     for target in dict.fromkeys(r.case.target for r in results):
         ok = [r.seconds for r in results if r.case.target == target and r.status == "ok"]
         line = ", ".join(f"{s} {n}" for (t, s), n in sorted(counts.items()) if t == target)
-        mean = f"; compile {min(ok):.1f}-{max(ok):.1f} s, mean {sum(ok) / len(ok):.2f} s" if ok else ""
+        mean = (f"; compile {min(ok):.1f}-{max(ok):.1f} s, mean {sum(ok) / len(ok):.2f} s"
+                if ok else "")
         print(f"{target}: {line}{mean}")
     print(f"wall {time.perf_counter() - start:.0f} s; results in {args.out}")
     return 0 if all(r.status == "ok" for r in results) else 1

@@ -27,9 +27,9 @@ _QUANTIZED = ("int8", "float8_e4m3fn", "float8_e5m2")
 # Every value of every dimension on each TPU generation; every pair of values on v6e (whose
 # Mosaic is the strictest about packed layouts) and on the H100.
 TARGET_CASES = {
-    "v6e-1": lambda: aot.covering_cases("v6e-1"),
+    "v6e-1": lambda: aot.covering_cases("v6e-1") + smollm_shaped("v6e-1"),
     # v5e has no float8 hardware: each 8-bit format at each head dim.
-    "v5e-1": lambda: aot.each_value_cases("v5e-1") + [
+    "v5e-1": lambda: aot.each_value_cases("v5e-1") + smollm_shaped("v5e-1") + [
         aot.KernelCase("v5e-1", cache_dtype=d, head_dim=h, group=4, kv_heads=1, window=16)
         for d in _QUANTIZED for h in (64, 256)],
     "v5p-8": lambda: aot.each_value_cases("v5p-8"),
@@ -38,6 +38,14 @@ TARGET_CASES = {
     "h100": lambda: aot.covering_cases("h100"),
     "h100x2": lambda: aot.tp_cases("h100x2", 2)[1:3],
 }
+
+
+def smollm_shaped(target: str) -> list[aot.KernelCase]:
+    """The default model's attention (3 KV heads of 64, 9 query heads), in bfloat16 and with an
+    int8 cache under float32 activations."""
+    return [aot.KernelCase(target, cache_dtype=d, head_dim=64, group=3, kv_heads=3, stacked=True,
+                           input_dtype=q, page_size=16) for d, q in (("bfloat16", None),
+                                                                     ("int8", "float32"))]
 
 
 def require_plugin(target: str) -> None:
