@@ -134,11 +134,8 @@ def _gateway(ns: argparse.Namespace) -> int:
     config = GatewayConfig(api_key=ns.api_key or None, gateway_token=ns.gateway_token or None,
                            load_balance_method=ns.load_balance_method,
                            unhealthy_after=ns.unhealthy_after, remove_after=ns.remove_after,
-                           log_lines=ns.log_lines)
+                           log_lines=ns.log_lines, worker_timeout=ns.worker_timeout)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # else a line per relayed request
-    if config.gateway_token is None:
-        logger.warning("no --gateway-token: anyone who reaches this port can register workers "
-                       "and read their logs")
     return run_gateway(config, host=ns.host, port=ns.port,
                        uvicorn_log_level=ns.uvicorn_log_level)
 
@@ -166,6 +163,10 @@ def _add_gateway_args(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--log-lines", type=int, default=default.log_lines, metavar="N",
                         help="recent log lines kept per worker (default: %(default)s)")
+    parser.add_argument("--worker-timeout", type=float, default=default.worker_timeout,
+                        metavar="S", help="seconds a worker may stay silent (before its answer "
+                                          "starts, or between chunks) before the request goes to "
+                                          "another worker or fails (default: %(default)s)")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     parser.set_defaults(func=_gateway)

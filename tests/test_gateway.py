@@ -9,6 +9,7 @@ on a tiny model (issue 7's "What it must show").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -261,8 +262,230 @@ def test_tokens_and_api_key(gateway, fake_a):
     r = gw.post("/v1/chat/completions", json={"model": "m"}, headers={"Authorization":
                                                                       "Bearer k3y"})
     assert r.status_code == 200 and r.json()["worker"] == "a"
-    assert fake_a.headers[-1]["authorization"] == "Bearer k3y"  # passed on to the worker
+    assert "authorization" not in fake_a.headers[-1]  # the client's key stays at the Gateway
     assert gw.delete(f"/workers/{wid}", headers=AUTH).status_code == 200
+
+
+def test_workers_get_their_own_key_never_the_clients_credentials(gateway, fake_a):
+    gw = gateway(api_key="client-key")
+    register(gw, fake_a.url, api_key="worker-key")
+    client_headers = {"Authorization": "Bearer client-key", "Cookie": "session=1",
+                      "X-Gateway-Token": TOKEN, "X-Trace": "t1"}
+    r = gw.post("/v1/chat/completions", json={"model": "m", "messages": []},
+                headers=client_headers)
+    assert r.status_code == 200, r.text
+    seen = fake_a.headers[-1]
+    assert seen["authorization"] == "Bearer worker-key"
+    assert "cookie" not in seen and "x-gateway-token" not in seen
+    assert seen["x-trace"] == "t1"  # other headers pass
+    listed = workers(gw)
+    assert all("api_key" not in w and "worker-key" not in json.dumps(w) for w in listed.values())
+
+
+# ---- a Gateway that does not trust its workers blindly -------------------------------------------
+@pytest.fixture
+def hung_url():
+    """A port that accepts connections (and reads what is sent) but never answers."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def hold() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+
+    threading.Thread(target=hold, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_hung_worker_is_detected_and_the_request_goes_elsewhere(gateway, fake_a, hung_url,
+                                                                  stream):
+    gw = gateway(probe_after=0.2, probe_timeout=0.3)
+    hung = register(gw, hung_url)  # first in round-robin order
+    live = register(gw, fake_a.url)
+    r = chat(gw, stream=stream)  # the client's own timeout (10 s) would fail a hang
+    assert r.status_code == 200 and r.headers["x-gateway-worker"] == live
+    assert workers(gw)[hung]["status"] == "unhealthy"
+    assert gw.get("/health", timeout=2).status_code == 200
+    # Alone, it fails the request with a 503 instead of holding it.
+    gw.delete(f"/workers/{live}", headers=AUTH)
+    gw.post(f"/workers/{hung}/heartbeat", json={"load": {}}, headers=AUTH)
+    assert_error(chat(gw, stream=stream), 503)
+
+
+def test_a_worker_silent_past_the_worker_timeout_is_left(gateway, fake_a, hung_url):
+    # The probe would wait 60 s: the read timeout ends the wait first.
+    gw = gateway(worker_timeout=0.5, probe_after=60)
+    hung = register(gw, hung_url)
+    live = register(gw, fake_a.url)
+    r = chat(gw)
+    assert r.status_code == 200 and r.headers["x-gateway-worker"] == live
+    assert workers(gw)[hung]["status"] == "unhealthy"
+
+
+def test_a_slow_worker_that_answers_health_is_waited_for(gateway):
+    """A long generation is not a hang: while /health answers, the request waits."""
+    async def slow(request: Request) -> Response:
+        await asyncio.sleep(1.0)
+        return JSONResponse({"worker": "slow"})
+
+    async def health(request: Request) -> Response:
+        return Response(status_code=200)
+
+    app = Starlette(routes=[Route("/v1/chat/completions", slow, methods=["POST"]),
+                            Route("/health", health)])
+    with Served(app) as slow_worker:
+        gw = gateway(probe_after=0.1, probe_timeout=0.5)
+        wid = register(gw, slow_worker.url)
+        r = chat(gw)
+        assert r.status_code == 200 and r.json() == {"worker": "slow"}
+        assert workers(gw)[wid]["status"] == "healthy"
+
+
+class _Forwarder:
+    """A TCP port that forwards every connection to `target_port` (another name for it)."""
+
+    def __init__(self, target_port: int):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.target_port = target_port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_worker_url_pointing_at_the_gateway(gateway, fake_a):
+    gw = gateway()
+    port = int(str(gw.base_url).rstrip("/").rsplit(":", 1)[1])
+    for url in (str(gw.base_url), f"http://localhost:{port}", f"http://127.0.0.1:{port}/"):
+        r = gw.post("/workers/register", json={"url": url, "models": ["m"]}, headers=AUTH)
+        assert_error(r, 400)
+        assert "Gateway" in r.json()["error"]["message"]
+    # Through another name the registration cannot tell: the first relayed request comes back,
+    # is answered 508 at once, and the Gateway drops that worker and goes on to a real one.
+    alias = _Forwarder(port)
+    try:
+        loop = register(gw, alias.url)
+        live = register(gw, fake_a.url)
+        r = chat(gw)
+        assert r.status_code == 200 and r.headers["x-gateway-worker"] == live
+        assert loop not in workers(gw) and live in workers(gw)
+        loop = register(gw, alias.url)  # alone: dropped, so no worker serves the model
+        gw.delete(f"/workers/{live}", headers=AUTH)
+        assert_error(chat(gw), 404, "model_not_found")
+        assert loop not in workers(gw)
+    finally:
+        alias.close()
+
+
+def _post_raw(gw: httpx.Client, path: str, text: str) -> httpx.Response:
+    return gw.post(path, content=text.encode(), headers={**AUTH,
+                                                         "Content-Type": "application/json"})
+
+
+def test_registration_fields_are_checked_and_bounded(gateway, fake_a):
+    gw = gateway()
+    good = register(gw, fake_a.url)
+    base = '{"url": "http://10.0.0.7:8000", "models": ["m"]'
+    for extra in (', "heartbeat_interval": NaN', ', "heartbeat_interval": Infinity',
+                  ', "heartbeat_interval": -Infinity', ', "heartbeat_interval": 0',
+                  ', "heartbeat_interval": 1e300', ', "backend_args": {"x": NaN}',
+                  ', "backend_args": {"heartbeat_interval": NaN}', ', "device": {"n": Infinity}',
+                  ', "max_model_len": 1.5', ', "version": ' + json.dumps("v" * 100)):
+        assert_error(_post_raw(gw, "/workers/register", base + extra + "}"), 400)
+    for models in ([], ["m"] * 65, ["x" * 600], [1]):
+        r = gw.post("/workers/register", json={"url": "http://10.0.0.7:8000", "models": models},
+                    headers=AUTH)
+        assert_error(r, 400)
+    # 11 MB of launch arguments: refused by size before parsing; many small ones: by JSON size.
+    huge = {"url": "http://10.0.0.7:8000", "models": ["m"], "backend_args": {"x": "a" * 11_000_000}}
+    assert_error(gw.post("/workers/register", json=huge, headers=AUTH), 413)
+    many = {f"k{i}": "v" * 1000 for i in range(100)}
+    assert_error(gw.post("/workers/register", headers=AUTH, json={
+        "url": "http://10.0.0.7:8000", "models": ["m"], "backend_args": many}), 400)
+    # One long argument (an inline chat template) is kept, cut.
+    wid = register(gw, "http://10.0.0.8:8000", backend_args={"chat_template": "t" * 100_000})
+    kept = workers(gw)[wid]["backend_args"]["chat_template"]
+    assert kept.startswith("t" * 4096) and len(kept) < 4200 and "more characters" in kept
+    # A heartbeat's load is checked the same way.
+    assert_error(_post_raw(gw, f"/workers/{good}/heartbeat", '{"load": {"running": NaN}}'), 400)
+    assert_error(gw.post(f"/workers/{good}/heartbeat", json={"load": {"x": "y" * 5000}},
+                         headers=AUTH), 400)
+    # Nothing of that touched the listing, the status page or the good worker.
+    assert gw.get("/", headers=AUTH).status_code == 200
+    listed = workers(gw)
+    assert set(listed) == {good, wid} and listed[good]["status"] == "healthy"
+    assert chat(gw).status_code == 200
+
+
+def test_log_lines_are_bounded_in_bytes(gateway):
+    gw = gateway(log_lines=3)
+    wid = register(gw, "http://10.0.0.1:8001")
+    line = "x" * 50_000
+    r = gw.post(f"/workers/{wid}/logs", json={"lines": ["a", line]}, headers=AUTH)
+    assert r.status_code == 200
+    kept = gw.get(f"/workers/{wid}/logs", headers=AUTH).json()["lines"]
+    assert kept[0] == "a" and kept[1].startswith("x" * 4096) and len(kept[1]) < 4200
+    many = [f"line {i}" for i in range(1000)]  # one post of more lines than are kept
+    assert gw.post(f"/workers/{wid}/logs", json={"lines": many}, headers=AUTH).status_code == 200
+    assert gw.get(f"/workers/{wid}/logs", headers=AUTH).json()["lines"] == many[-3:]
+    r = gw.post(f"/workers/{wid}/logs", content=b'{"lines": ["' + b"y" * (17 << 20) + b'"]}',
+                headers={**AUTH, "Content-Type": "application/json"})
+    assert_error(r, 413)
+
+
+def test_relayed_answers_have_one_date_and_one_server_header(gateway, fake_a):
+    gw = gateway()
+    register(gw, fake_a.url)
+    for stream in (False, True):
+        r = chat(gw, stream=stream)
+        assert r.status_code == 200
+        assert len(r.headers.get_list("date")) == 1, r.headers
+        assert len(r.headers.get_list("server")) == 1, r.headers
+
+
+def test_open_registration_is_announced_and_tokens_stay_out_of_access_logs(tmp_path):
+    log_path = tmp_path / "gateway.log"
+    gateway = GatewayProcess(str(log_path), token=None)
+    try:
+        assert httpx.get(gateway.url + "/workers", params={"token": "hunter2"}).status_code == 200
+        assert httpx.get(gateway.url + "/?token=hunter2&x=1").status_code == 200
+    finally:
+        assert gateway.stop() == 0
+    log = log_path.read_text()
+    assert "REGISTRATION IS OPEN" in log and "--gateway-token" in log
+    assert "hunter2" not in log
+    assert "/workers?token=*** HTTP" in log  # the line is there, the token is not
+    assert "ERROR" not in log and "Traceback" not in log
 
 
 def test_gateway_config_checks():
@@ -544,9 +767,13 @@ def check_status_page(browser, base_url: str, expected: dict[str, str], log_line
             cells = rows.nth(i).locator("td").all_inner_texts()
             seen[cells[1]] = cells
         assert set(seen) == set(expected), seen
+        from jaxserve import __version__
+
         for url, model in expected.items():
             assert seen[url][2] == "healthy" and model in seen[url][3], seen[url]
-        assert page.inner_text("#summary") == f"{len(expected)} workers, {len(expected)} healthy"
+            assert seen[url][4] == f"jaxserve {__version__} (vllm flags)", seen[url]
+        n = len(expected)
+        assert page.inner_text("#summary") == f"{n} worker{'s' * (n != 1)}, {n} healthy"
         first = next(iter(expected))
         args = page.locator("tr", has_text=first).locator("details.args")
         args.locator("summary").click()
@@ -580,6 +807,12 @@ def test_status_page_in_chromium(browser, gateway, fake_a, fake_b):
         page.close()
 
 
+def test_status_page_counts_one_worker_in_chromium(browser, gateway, fake_a):
+    gw = gateway()
+    register(gw, fake_a.url, version=__import__("jaxserve").__version__)
+    check_status_page(browser, str(gw.base_url).rstrip("/"), {fake_a.url: "m"}, "")
+
+
 # ---- end to end: a `jaxserve gateway` process and two real workers --------------------------------
 # NOTE: these share one fleet and run in file order: the Gateway restarts, then a worker is killed.
 HEARTBEAT_S = 1.0
@@ -588,12 +821,12 @@ HEARTBEAT_S = 1.0
 class GatewayProcess:
     """`jaxserve gateway` on a loopback port (the same port again after a restart)."""
 
-    def __init__(self, log_path: str, port: int | None = None):
+    def __init__(self, log_path: str, port: int | None = None, token: str | None = TOKEN):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log_path, "ab")
         argv = [sys.executable, "-m", "jaxserve.cli", "gateway", "--host", "127.0.0.1",
-                "--port", str(self.port), "--gateway-token", TOKEN]
+                "--port", str(self.port)] + (["--gateway-token", token] if token else [])
         self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:

@@ -180,13 +180,25 @@ def test_registers_when_ready_with_the_full_payload_then_heartbeats(gateway, cli
     assert register[0]["body"] == {
         "url": "http://worker:8001", "models": ["tiny", "tiny-2"], "backend": "vllm",
         "backend_args": {"heartbeat_interval": 0.2, "api_key": "***"},
-        "device": {"kind": "cpu", "count": 1}, "version": __version__, "max_model_len": 96}
+        "device": {"kind": "cpu", "count": 1}, "engine": "jaxserve", "version": __version__,
+        "max_model_len": 96}
     beats = gateway.of("POST", "/heartbeat")[:4]
     assert all(b["path"] == "/workers/w0/heartbeat" and b["body"] == {"load": LOAD}
                for b in beats)
     assert all(b["headers"]["X-Gateway-Token"] == "s3cret" for b in beats)
     gaps = [b["time"] - a["time"] for a, b in zip(beats, beats[1:])]
     assert all(0.15 < g < 0.6 for g in gaps), gaps
+
+
+def test_registration_carries_the_workers_own_api_key(gateway, clients, monkeypatch):
+    """The Gateway sends it as the worker's bearer key; it shows nowhere (backend_args: ***)."""
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    clients(gateway.url, api_key="worker-key").start()
+    wait_for(lambda: gateway.of("POST", "/register"), what="a registration")
+    body = gateway.of("POST", "/register")[0]["body"]
+    assert body["api_key"] == "worker-key" and body["backend_args"]["api_key"] == "***"
+    monkeypatch.setenv("VLLM_API_KEY", "env-key")  # the server's key from its environment
+    assert make_client(gateway.url).registration["api_key"] == "env-key"
 
 
 def test_adopts_the_interval_the_gateway_answers(gateway, clients):

@@ -1,5 +1,5 @@
 """`jaxserve` imports from a source checkout: the top-level `models/`, `sharding/` and
-`kernels_pallas/` folders are `jaxserve.models`, `jaxserve.sharding` and `jaxserve.kernels_pallas`."""
+`kernels_pallas/` folders are `jaxserve.models`, `.sharding` and `.kernels_pallas`."""
 
 from __future__ import annotations
 

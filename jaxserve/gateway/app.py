@@ -12,8 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
+import re
+import socket
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -22,16 +26,17 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jaxserve.entrypoints.http_common import (bind_socket, error_json, graceful_server,
-                                             read_json_object)
-from jaxserve.gateway.proxy import Relay, new_client
-from jaxserve.gateway.registry import GatewayConfig, Registry, Worker
+from jaxserve.entrypoints.http_common import bind_socket, error_json, graceful_server
+from jaxserve.gateway.proxy import GATEWAY_ID_HEADER, Relay, new_client
+from jaxserve.gateway.registry import GatewayConfig, Registry, Worker, small_object
 from jaxserve.gateway.status_page import STATUS_PAGE
 
 logger = logging.getLogger("jaxserve.gateway")
 
 Handler = Callable[[Request], Awaitable[Response]]
 _KEEPALIVE_S = 15.0  # an SSE comment this often, so a follower that left is noticed
+_MAX_BODY = 1 << 20  # bytes of a worker-protocol request (registration, heartbeat)
+_MAX_LOG_BODY = 16 << 20  # bytes of a log post (a batch of lines)
 
 
 class _Refused(Exception):
@@ -55,11 +60,55 @@ def _guard(check: Callable[[Request], None], handler: Handler) -> Handler:
     return route
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _json_object(request: Request, max_bytes: int = _MAX_BODY) -> dict[str, Any]:
+    """The body as a JSON object of at most `max_bytes` (else 413), NaN and Infinity refused."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _Refused(error_json(f"The body is over {max_bytes} bytes.", 413))
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise _Refused(error_json(f"The body is over {max_bytes} bytes.", 413))
     try:
-        return await read_json_object(request)
-    except ValueError as e:
-        raise _Refused(error_json(str(e), 400)) from None
+        value = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:
+        raise _Refused(error_json(f"The body is not valid JSON: {str(e)[:200]}", 400)) from None
+    if not isinstance(value, dict):
+        raise _Refused(error_json("The body must be a JSON object.", 400))
+    return value
+
+
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def _is_this_server(url: str, server: tuple[str, int] | None) -> bool:
+    """Whether `url` names the address this request reached (a worker URL pointing back at the
+    Gateway): the same port on a loopback, unspecified or own address or name."""
+    from urllib.parse import urlsplit
+
+    if server is None:
+        return False
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    host = (parts.hostname or "").lower()
+    if port != server[1]:
+        return False
+    own = {str(server[0]).lower(), socket.gethostname().lower(), socket.getfqdn().lower()}
+    if host in own or host in _LOOPBACK_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
 
 
 def _log_follow(registry: Registry, worker: Worker) -> Response:
@@ -94,7 +143,8 @@ def _log_follow(registry: Registry, worker: Worker) -> Response:
 def build_app(config: GatewayConfig) -> Starlette:
     """The Gateway's Starlette app; `app.state.registry` holds its workers."""
     registry = Registry(config)
-    relay = Relay(registry)
+    gateway_id = uuid.uuid4().hex  # tells this Gateway's own answers apart from a worker's
+    relay = Relay(registry, gateway_id)
 
     def check_token(request: Request) -> None:
         if config.gateway_token is None:
@@ -121,17 +171,23 @@ def build_app(config: GatewayConfig) -> Starlette:
 
     # ---- the worker protocol -----------------------------------------------------------------
     async def register(request: Request) -> Response:
+        body = await _json_object(request)
+        url = body.get("url")
+        if isinstance(url, str) and _is_this_server(url, request.scope.get("server")):
+            return error_json(f"url={url!r} is this Gateway's own address: give the worker's "
+                              "(--worker-url)", 400, param="url")
         try:
-            worker = registry.register(await _json_object(request))
+            worker = registry.register(body)
         except ValueError as e:
             return error_json(str(e), 400)
         return JSONResponse({"id": worker.id, "heartbeat_interval": worker.heartbeat_interval})
 
     async def heartbeat(request: Request) -> Response:
         worker = known(request)
-        load = (await _json_object(request)).get("load") or {}
-        if not isinstance(load, dict):
-            return error_json("load must be an object", 400, param="load")
+        try:
+            load = small_object((await _json_object(request)).get("load"), "load")
+        except ValueError as e:
+            return error_json(str(e), 400, param="load")
         registry.heartbeat(worker, load)
         return JSONResponse({"status": "ok"})
 
@@ -141,11 +197,11 @@ def build_app(config: GatewayConfig) -> Starlette:
 
     async def post_logs(request: Request) -> Response:
         worker = known(request)
-        body = await _json_object(request)
+        body = await _json_object(request, _MAX_LOG_BODY)
         lines, dropped = body.get("lines") or [], body.get("dropped") or 0
         if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
             return error_json("lines must be a list of strings", 400, param="lines")
-        if not isinstance(dropped, int) or dropped < 0:
+        if not isinstance(dropped, int) or isinstance(dropped, bool) or dropped < 0:
             return error_json("dropped must be a count", 400, param="dropped")
         registry.add_logs(worker, lines, dropped)
         return JSONResponse({"status": "ok"})
@@ -165,11 +221,11 @@ def build_app(config: GatewayConfig) -> Starlette:
         return HTMLResponse(STATUS_PAGE)
 
     async def health(request: Request) -> Response:
-        return Response(status_code=200)
+        return Response(status_code=200, headers={GATEWAY_ID_HEADER: gateway_id})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        relay.client = new_client()
+        relay.client = new_client(config.worker_timeout)
 
         async def sweep_forever() -> None:
             while True:
@@ -221,6 +277,28 @@ def build_app(config: GatewayConfig) -> Starlette:
 
 
 # ---- running it ------------------------------------------------------------------------------
+_SECRET_IN_QUERY = re.compile(r"((?:^|[?&])(?:token|api_key|key)=)[^&\s]*", re.IGNORECASE)
+
+
+class RedactTokens(logging.Filter):
+    """Access-log lines show `?token=***`: the status page passes its token in the query."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any("=" in str(a) for a in record.args):
+            record.args = tuple(_SECRET_IN_QUERY.sub(r"\1***", a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
+
+
+def warn_if_open(config: GatewayConfig) -> None:
+    """Say loudly, at start-up, what a Gateway without a registration token lets anyone do."""
+    if config.gateway_token is None:
+        logger.warning("REGISTRATION IS OPEN: no --gateway-token (or JAXSERVE_GATEWAY_TOKEN), "
+                       "so anyone who reaches this port can register a worker (and receive the "
+                       "requests routed to it), remove workers and read their logs and launch "
+                       "arguments; give --gateway-token to close it")
+
+
 def run_gateway(config: GatewayConfig, *, host: str | None = None, port: int = 9000,
                 uvicorn_log_level: str = "info") -> int:
     """Serve the Gateway until SIGTERM or SIGINT; returns 0."""
@@ -231,6 +309,10 @@ def run_gateway(config: GatewayConfig, *, host: str | None = None, port: int = 9
     shown = "localhost" if (host or "0.0.0.0") in ("0.0.0.0", "::") else host
     logger.info("gateway on http://%s:%d (%s; status page at /)", shown,
                 sock.getsockname()[1], config.load_balance_method)
+    warn_if_open(config)
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactTokens) for f in access.filters):
+        access.addFilter(RedactTokens())
     server = graceful_server(uvicorn.Config(app, log_level=uvicorn_log_level, lifespan="on",
                                             timeout_graceful_shutdown=5))
     server.run(sockets=[sock])

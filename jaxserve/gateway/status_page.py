@@ -26,7 +26,7 @@ details.args pre { max-height: 20em; overflow: auto; font-size: 12px; margin: .3
 <h1>jaxserve gateway</h1>
 <p><span id="summary">loading...</span> <span id="error"></span></p>
 <table id="workers">
-<thead><tr><th>worker</th><th>url</th><th>status</th><th>models</th><th>backend</th>
+<thead><tr><th>worker</th><th>url</th><th>status</th><th>models</th><th>server</th>
 <th>device</th><th>load</th><th>last heartbeat</th><th>launch arguments</th><th>logs</th>
 </tr></thead>
 <tbody></tbody>
@@ -56,6 +56,15 @@ function loadText(load) {
   return (load.running ?? 0) + " running, " + (load.waiting ?? 0) + " waiting" + kv + tput;
 }
 
+function plural(n, word) {
+  return n + " " + word + (n === 1 ? "" : "s");
+}
+
+function serverText(w) {  // "jaxserve 0.1.0 (vllm flags)": the engine, then the flag dialect
+  const engine = (w.engine || "jaxserve") + (w.version ? " " + w.version : "");
+  return w.backend ? engine + " (" + w.backend + " flags)" : engine;
+}
+
 function showLogs(worker) {
   if (source) source.close();
   document.getElementById("logs").style.display = "block";
@@ -80,7 +89,7 @@ function render(workers) {
     cell(row, w.url);
     cell(row, w.status, w.status);
     cell(row, w.models.join(", "));
-    cell(row, w.backend + (w.version ? " " + w.version : ""));
+    cell(row, serverText(w));
     cell(row, w.device && w.device.kind ? w.device.count + " x " + w.device.kind : "-");
     cell(row, loadText(w.load) + (w.in_flight ? ", " + w.in_flight + " relayed" : ""));
     cell(row, Math.max(0, now - w.last_heartbeat).toFixed(1) + " s ago");
@@ -89,7 +98,7 @@ function render(workers) {
     args.open = openArgs.has(w.id);
     args.ontoggle = () => args.open ? openArgs.add(w.id) : openArgs.delete(w.id);
     const summary = document.createElement("summary");
-    summary.textContent = Object.keys(w.backend_args).length + " flags";
+    summary.textContent = plural(Object.keys(w.backend_args).length, "flag");
     const pre = document.createElement("pre");
     pre.textContent = JSON.stringify(w.backend_args, null, 1);
     args.append(summary, pre);
@@ -103,7 +112,7 @@ function render(workers) {
   }
   const healthy = workers.filter((w) => w.status === "healthy").length;
   document.getElementById("summary").textContent =
-    workers.length + " workers, " + healthy + " healthy";
+    plural(workers.length, "worker") + ", " + healthy + " healthy";
 }
 
 async function refresh() {

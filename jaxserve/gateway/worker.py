@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -206,14 +207,18 @@ class GatewayClient:
                  heartbeat_interval: float, load_fn: Callable[[], dict[str, Any]],
                  log_streaming: bool = True, ready: Callable[[], bool] = lambda: True,
                  log_capacity: int = 5000, log_batch: int = 1000, log_period: float = 0.5,
-                 logs: LogQueue | None = None):
+                 logs: LogQueue | None = None, api_key: str | None = None):
         if heartbeat_interval <= 0:
             raise ValueError(f"--heartbeat-interval must be positive, got {heartbeat_interval}")
         self.gateway_url = gateway_url.rstrip("/")
         self.interval = float(heartbeat_interval)
         self.registration = {"url": worker_url, "models": list(models), "backend": backend,
                              "backend_args": backend_args, "device": device,
-                             "version": version, "max_model_len": max_model_len}
+                             "engine": "jaxserve", "version": version,
+                             "max_model_len": max_model_len}
+        api_key = api_key or os.environ.get("VLLM_API_KEY") or None
+        if api_key:  # what the Gateway must send to be let in; never shown in /workers
+            self.registration["api_key"] = api_key
         self.load_fn = load_fn
         self.ready = ready
         self.worker_id: str | None = None
