@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jaxserve.config import ModelConfig
 from jaxserve.detokenizer import OutputText
-from jaxserve.engine import distributed
+from jaxserve.engine import distributed, memory_plan
 from jaxserve.engine.args import EngineArgs
 from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.model_runner import ModelRunner, StepResult
@@ -55,6 +55,7 @@ class LLMEngine:
     def __init__(self, args: EngineArgs):
         start = time.perf_counter()
         self.args = args
+        memory_plan.reserve_gpu_memory(args.gpu_memory_utilization)
         distributed.initialize(args)  # multi-host: join the other nodes before using devices
         cache_dir = enable_compilation_cache(args.compilation_cache_dir)
         source = resolve_model(args.model, download_dir=args.download_dir, revision=args.revision,

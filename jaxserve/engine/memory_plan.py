@@ -35,6 +35,17 @@ class OutOfMemoryPlan(ValueError):
     """The model does not fit the devices; the message says what would."""
 
 
+def reserve_gpu_memory(utilization: float) -> None:
+    """On NVIDIA GPUs XLA's allocator takes XLA_PYTHON_CLIENT_MEM_FRACTION of the device (0.75
+    unless set) when JAX starts: make it `--gpu-memory-utilization`, as vLLM reserves memory,
+    unless the user set it or JAX has started already. Harmless elsewhere."""
+    from jax._src import xla_bridge
+
+    if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ and \
+            not xla_bridge.backends_are_initialized():
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{utilization:.4f}"
+
+
 def device_capacity(device, target=None) -> int:
     """Bytes of memory one device has: the target's table, the runtime's limit, or host RAM."""
     if target is not None:
@@ -174,7 +185,8 @@ def plan_memory(*, device: str, capacity: int, utilization: float, weights: int,
                     "on CPU: at most 4 GiB, and no more than --max-num-seqs full sequences"
     plan = MemoryPlan(device, capacity, utilization, weights, step, kv_per_page, num_pages,
                       page_size, sized_by)
-    if num_pages < pages_per_seq:
+    # NOTE: a size the user chose is theirs (a longer request is refused when it arrives).
+    if num_pages < pages_per_seq and not (num_pages_override or kv_cache_memory_bytes):
         raise OutOfMemoryPlan(_does_not_fit(plan, budget, pages_per_seq, max_model_len))
     if plan.total > capacity * utilization and not cpu:
         logger.warning("the KV cache you asked for takes the plan past %.0f%% of the device's "
