@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=logs.FORMAT, datefmt=logs.DATEFMT)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] not in (["chat"], ["complete"], ["gateway"]):  # those never start JAX
+    asks_help = any(a in ("-h", "--help") or a.startswith("--help=") for a in argv)
+    if argv[:1] not in (["chat"], ["complete"], ["gateway"]) and not asks_help:  # no JAX there
         logs.quiet_startup()  # before JAX looks for accelerators
     if argv[:1] in (["chat"], ["complete"]):  # clients: the reply only, not each HTTP request
         for name in ("httpx", "httpx2", "openai"):
