@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # README's "Run it", as a newcomer runs it: a fresh virtualenv, an empty HOME, the install command
-# and the curl request copied out of README.md (so the check follows README), then:
+# and the examples copied out of README.md (so the check follows README), then:
 #   - torch must not be importable in that venv (serving must not need it),
-#   - `jaxserve serve` must answer /health, and the curl request with a non-empty reply,
+#   - `jaxserve serve` must answer /health, and README's curl request, `jaxserve chat -q` line and
+#     Python client example each with a non-empty reply,
 #   - SIGTERM must stop it with exit code 0 and a log without any ERROR line or Traceback.
 #
 #   scripts/check_readme_run.sh            # exit 0 when all of that holds
@@ -39,6 +40,11 @@ SERVE_LINE=$(grep -m1 -E '^pip install .*&& jaxserve serve$' <<<"$RUN_IT") ||
 INSTALL=${SERVE_LINE% && jaxserve serve}
 CURL=$(awk '/^curl /{on=1} on{print; q += gsub(/\047/, "\047"); if (q % 2 == 0 && $0 !~ /\\$/) exit}' <<<"$RUN_IT")
 [[ -n $CURL ]] || fail "README's Run it section has no curl command"
+# Then the one-question `jaxserve chat -q` line and the first Python block (the OpenAI client).
+CHAT=$(grep -m1 -E '^jaxserve chat -q ' <<<"$RUN_IT" | sed -E 's/ +#.*$//') ||
+    fail "README's Run it section has no 'jaxserve chat -q' line"
+CLIENT_PY=$(awk '/^```python/{on=1; next} on && /^```/{exit} on' <<<"$RUN_IT")
+[[ $CLIENT_PY == *localhost:8000* ]] || fail "README's first Python block is not the client example"
 say "install: $INSTALL"
 
 # ----- a fresh venv, an empty HOME --------------------------------------------------------------
@@ -46,6 +52,7 @@ mkdir -p "$TMP/home"
 "$PYTHON" -m venv "$TMP/venv"
 export HOME=$TMP/home VIRTUAL_ENV=$TMP/venv PATH=$TMP/venv/bin:$PATH
 unset PYTHONPATH XDG_CACHE_HOME HF_HOME HF_HUB_CACHE JAXSERVE_COMPILATION_CACHE_DIR PYTHONHOME
+export NO_PROXY=localhost,127.0.0.1${NO_PROXY:+,$NO_PROXY} no_proxy=localhost,127.0.0.1${no_proxy:+,$no_proxy}
 (cd "$REPO" && eval "$INSTALL") >"$TMP/install.log" 2>&1 || { tail -n 40 "$TMP/install.log"; fail "install failed"; }
 say "installed: $(python -c 'import jax, jaxserve; print("jaxserve", jaxserve.__version__, "jax", jax.__version__)')"
 if python -c 'import torch' 2>/dev/null; then fail "torch is importable in the fresh venv"; fi
@@ -68,6 +75,12 @@ ANSWER=$(python -c 'import json, sys; print(json.loads(sys.argv[1])["choices"][0
     fail "not a chat completion: $REPLY_JSON"
 [[ -n ${ANSWER//[[:space:]]/} ]] || fail "empty answer: $REPLY_JSON"
 say "answer: $ANSWER"
+CHAT_OUT=$(eval "timeout 300 $CHAT --url http://localhost:$PORT/v1" </dev/null) || fail "$CHAT failed"
+[[ -n ${CHAT_OUT//[[:space:]]/} ]] || fail "$CHAT printed nothing"
+say "jaxserve chat -q: $CHAT_OUT"
+PY_OUT=$(timeout 300 python -c "${CLIENT_PY//localhost:8000/localhost:$PORT}") || fail "README's Python client example failed"
+[[ -n ${PY_OUT//[[:space:]]/} ]] || fail "README's Python client example printed nothing"
+say "python client: $PY_OUT"
 
 kill -TERM "$SERVER_PID"
 (sleep 60 && kill -KILL "$SERVER_PID") 2>/dev/null &
