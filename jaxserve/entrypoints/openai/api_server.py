@@ -100,6 +100,9 @@ async def _unless_stopped(work: Awaitable[pydantic.BaseModel], stopping: asyncio
     stop = asyncio.ensure_future(stopping.wait())
     try:
         await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the client left: `work` goes too
+        task.cancel()
+        raise
     finally:
         stop.cancel()
     if task.done():
