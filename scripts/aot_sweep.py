@@ -39,7 +39,12 @@ def main(argv=None) -> int:
     parser.add_argument("--case-timeout", type=float, default=600.0)
     parser.add_argument("--resume", action="store_true",
                         help="keep the results already in --out and compile only the other cases")
+    parser.add_argument("--summarize", nargs="+", metavar="JSON",
+                        help="print markdown tables of saved results instead of compiling")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return 0
 
     cases = []
     for target in dict.fromkeys(args.targets):
@@ -87,6 +92,40 @@ def main(argv=None) -> int:
         print(f"{target}: {line}{mean}")
     print(f"wall {time.perf_counter() - start:.0f} s; results in {args.out}")
     return 0 if all(r.status == "ok" for r in results) else 1
+
+
+def summarize(paths: list[str]) -> str:
+    """Markdown: per target the counts and compile seconds, then mean seconds per target and
+    cache dtype, and per target and head dim; then every case that did not compile."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows += json.load(f)["results"]
+    targets = list(dict.fromkeys(r["case"]["target"] for r in rows))
+
+    def stats(sel):
+        ok = [r["seconds"] for r in sel if r["status"] == "ok"]
+        return (f"{sum(ok) / len(ok):.2f}", f"{min(ok):.2f}-{max(ok):.2f}") if ok else ("-", "-")
+
+    out = ["| target | cases | ok | not ok | compile s, mean | min-max |",
+           "|---|---|---|---|---|---|"]
+    for t in targets:
+        sel = [r for r in rows if r["case"]["target"] == t]
+        ok = sum(r["status"] == "ok" for r in sel)
+        out.append(f"| {t} | {len(sel)} | {ok} | {len(sel) - ok} | "
+                   + " | ".join(stats(sel)) + " |")
+    for key, values in (("cache_dtype", aot.CACHE_DTYPES), ("head_dim", aot.HEAD_DIMS)):
+        out += ["", f"| mean compile s by {key} | " + " | ".join(map(str, values)) + " |",
+                "|---|" + "---|" * len(values)]
+        for t in targets:
+            cells = [stats([r for r in rows if r["case"]["target"] == t
+                            and r["case"][key] == v])[0] for v in values]
+            out.append(f"| {t} | " + " | ".join(cells) + " |")
+    bad = [r for r in rows if r["status"] != "ok"]
+    out += ["", f"Not compiled: {len(bad)}"] + [
+        f"- {r['name']}: {r['status']}: {r['error'].splitlines()[0][:200] if r['error'] else ''}"
+        for r in bad]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
