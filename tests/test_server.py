@@ -608,6 +608,7 @@ def test_dropped_requests_free_the_engine(server, http):
     aborted_before = metric(http.get("/metrics").text, "vllm:request_success_total",
                             finished_reason="abort")
     outcomes = asyncio.run(_dropped_requests(server.base_url, 200))
+    print(f"dropped requests: {outcomes}")
     dropped = outcomes.get("dropped", 0)
     assert set(outcomes) <= {"dropped", "answered"}, outcomes
     # Every streamed client (150) leaves at its first chunk, with tokens still to come.
