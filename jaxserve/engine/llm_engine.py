@@ -397,11 +397,11 @@ def _default_sampling_params(args: EngineArgs, source) -> dict:
     """Sampling defaults for requests that leave a field unset: the model's generation config
     (`--generation-config auto` or a folder), then `--override-generation-config` on top."""
     found: dict = {}
-    if args.generation_config != "vllm":
-        folder = args.generation_config if args.generation_config != "auto" else (
-            source.path if os.path.isdir(source.path) else None)
-        path = os.path.join(folder, "generation_config.json") if folder else None
-        if path and os.path.isfile(path):
+    if args.generation_config == "auto":  # the model's file, or the default model's defaults
+        found = source.generation_config()
+    elif args.generation_config != "vllm":
+        path = os.path.join(args.generation_config, "generation_config.json")
+        if os.path.isfile(path):
             import json
 
             with open(path) as f:
