@@ -199,7 +199,8 @@ def server(tmp_path_factory):
     proc = ServerProcess(path, log, max_model_len=512, max_num_batched_tokens=128,
                          max_num_seqs=4, enable_auto_tool_choice=True,
                          tool_call_parser="hermes", reasoning_parser="qwen3",
-                         guided_decoding_disable_any_whitespace=True)
+                         guided_decoding_disable_any_whitespace=True,
+                         trust_request_chat_template=True)  # for the tool-history template
     try:
         proc.wait_ready()
         yield proc

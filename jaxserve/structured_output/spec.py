@@ -122,6 +122,8 @@ def canonical_schema(schema: Any, *, field: str = "json") -> str:
     except SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(root)"
         raise ValueError(f"{field} is not a valid JSON Schema at {where}: {e.message}") from None
+    except RecursionError:
+        raise ValueError(f"{field} is nested too deeply") from None
     if not has_finite_instance(schema):
         raise ValueError(f"{field} has no finite instance: it requires itself (through $ref) "
                          "with no way out, or requires a false schema; give the recursion a "

@@ -107,6 +107,9 @@ class OpenAIServing:
         self.tokenizer = self.core.tokenizer
         self.max_model_len = self.core.max_model_len
         self.default_sampling = dict(self.core.default_sampling_params)
+        # Text longer than this cannot fit the context (no token is 64 characters on average),
+        # so it is refused before tokenizing; a rendered chat template is stopped there.
+        self.max_prompt_chars = max(1 << 20, 64 * self.max_model_len)
         # Field names an error message may start with (its `param`).
         self.fields = set(SamplingParams.__dataclass_fields__) | {"prompt", "messages",
                                                                   "top_logprobs"}
@@ -144,6 +147,15 @@ class OpenAIServing:
         ids = ids[-keep:] if keep else []
         self.check_prompt_ids(ids, param=param)
         return ids
+
+    def check_prompt_text(self, text: str, truncate: int | None, param: str) -> None:
+        """A 400 for text far beyond the context, before it takes a thread seconds to tokenize
+        (unless the request asks for the prompt to be truncated)."""
+        if truncate is None and len(text) > self.max_prompt_chars:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the "
+                f"{param} has {len(text)} characters, far more than that. Please reduce the "
+                f"length of the {param}.", param=param, code="context_length_exceeded")
 
     def stream_usage(self, request) -> tuple[bool, bool]:
         """(a last chunk with usage, usage in every chunk): stream_options, or the server's

@@ -46,8 +46,6 @@ class OpenAIServingChat(OpenAIServing):
     def __init__(self, *args, chat_template: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.chat_template = chat_template or self.core.chat_template
-        # A rendered prompt longer than this cannot fit the context anyway.
-        self.max_template_chars = max(1 << 20, 64 * self.max_model_len)
         name = self.options.reasoning_parser
         self.reasoning_parser = ReasoningParserManager.get(name) if name else None
         if self.options.tool_call_parser:
@@ -95,7 +93,7 @@ class OpenAIServingChat(OpenAIServing):
             return render_bounded(
                 self.tokenizer, self.conversation(messages), template=template,
                 timeout_s=self.options.chat_template_timeout_s,
-                max_chars=self.max_template_chars,
+                max_chars=self.max_prompt_chars,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message, tools=tools,
                 documents=documents, **kwargs)

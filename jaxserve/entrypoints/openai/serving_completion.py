@@ -61,6 +61,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 if not prompt:
                     raise RequestError("The prompt is empty.", param="prompt")
                 text = prompt
+                self.check_prompt_text(text, request.truncate_prompt_tokens, "prompt")
                 ids = self.tokenizer(prompt, add_special_tokens=request.add_special_tokens
                                      ).input_ids
             else:
