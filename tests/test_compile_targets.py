@@ -64,9 +64,9 @@ def test_llama_8b_fits_v5e_4_at_tp_4_with_room_for_kv(tmp_path):
     weights = plan_gib(out.stdout, "weights")
     assert weights == pytest.approx(LLAMA_PARAMS * 2 / 4 / GiB, rel=0.02)
     kv = plan_gib(out.stdout, "KV cache")
-    # 16 GiB x 0.9, less weights and the step: several GiB left for pages
+    # 15.75 GiB x 0.9, less weights and the step: several GiB left for pages
     assert kv > 5, out.stdout
-    assert plan_gib(out.stdout, "total") <= 16 * 0.9
+    assert plan_gib(out.stdout, "total") <= 15.75 * 0.9
     assert re.search(r"compiled 4 executables for v5e-4", out.stdout), out.stdout
     written = [n for _, _, files in os.walk(tmp_path / "executables") for n in files
                if n.endswith(".pkl")]

@@ -99,3 +99,25 @@ def test_the_engine_sizes_its_cache_from_the_plan(tiny_model_dir, monkeypatch):
         LLM(**engine)
     monkeypatch.setattr(memory_plan, "device_capacity", lambda *_: int(need / 0.9) + 64 * 1024)
     assert LLM(**engine).engine.runner.num_pages >= runner.pages_per_seq
+
+
+def test_a_device_reporting_a_little_more_memory_keeps_the_compiled_pages(tiny_model_dir,
+                                                                          monkeypatch, tmp_path):
+    """The KV pages the stored executables were compiled for are kept when the plan allows a
+    few more (a device reporting slightly different memory, or `jaxserve compile`'s table), so
+    they load instead of every bucket compiling again."""
+    folder, _ = tiny_model_dir("LlamaForCausalLM")
+    engine = dict(model=folder, **{**TINY_ENGINE, "max_num_batched_tokens": 16},
+                  compilation_cache_dir=str(tmp_path / "xla"))
+    runner = LLM(**engine).engine.runner
+    plan = runner.plan
+    # the budget binds at about 150 pages (below the CPU cap of 8 full sequences, 192 pages)
+    capacity = int((plan.weights + plan.step.activations + plan.step.sampler
+                    + 150 * plan.kv_per_page) / 0.9)
+    monkeypatch.setattr(memory_plan, "device_capacity", lambda *_: capacity)
+    first = LLM(**engine).engine.runner
+    assert 145 <= first.num_pages <= 150
+    monkeypatch.setattr(memory_plan, "device_capacity", lambda *_: int(capacity * 1.01))
+    again = LLM(**engine).engine.runner
+    assert again.num_pages == first.num_pages
+    assert again.num_loaded == len(again._forward_exe) + len(again._sample_exe)

@@ -174,21 +174,22 @@ class ExecutableCache:
         except Exception as e:  # noqa: BLE001 (caching is an optimisation; serving goes on)
             logger.warning("could not cache executable %s: %s: %s", name, type(e).__name__, e)
 
-    def load_profile(self, shapes: Any) -> dict | None:
-        """The memory the step measured at these shapes (engine/memory_plan.py), if stored."""
+    def load_note(self, name: str, shapes: Any) -> Any:
+        """A small JSON value stored with the executables (the step's measured memory, the KV
+        pages they were compiled for), if stored by these versions."""
         try:
-            with open(self._path("profile", shapes, "json")) as f:
+            with open(self._path(name, shapes, "json")) as f:
                 entry = json.load(f)
-            return entry["step"] if entry.get("stamp") == self.stamp else None
+            return entry["value"] if entry.get("stamp") == self.stamp else None
         except (OSError, ValueError, KeyError):
             return None
 
-    def store_profile(self, shapes: Any, step: dict) -> None:
+    def store_note(self, name: str, shapes: Any, value: Any) -> None:
         try:
-            self._write(self._path("profile", shapes, "json"),
-                        json.dumps({"stamp": self.stamp, "step": step}).encode())
+            self._write(self._path(name, shapes, "json"),
+                        json.dumps({"stamp": self.stamp, "value": value}).encode())
         except OSError as e:
-            logger.warning("could not cache the step's memory profile: %s", e)
+            logger.warning("could not cache %s: %s", name, e)
 
     def _write(self, path: str, data: bytes) -> None:
         if not os.path.isdir(self.folder):

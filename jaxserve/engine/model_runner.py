@@ -10,6 +10,7 @@ trigger a compile: a shape outside the buckets is an error, not a slow request.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -191,7 +192,29 @@ class ModelRunner:
         if cache.num_gpu_blocks_override or cache.kv_cache_memory_bytes:
             return plan(step=None)
         plan(step=None)  # the weights and one sequence's KV fit, before compiling anything
-        return plan(step=self._profile_step())
+        planned = plan(step=self._profile_step())
+        return self._same_pages_as_before(planned)
+
+    def _same_pages_as_before(self, planned: memory_plan.MemoryPlan) -> memory_plan.MemoryPlan:
+        """The page count the stored executables were compiled for (by an earlier start, or by
+        `jaxserve compile --target` elsewhere), when it is at most the plan's and the pages
+        left unused take at most 2% of the device's usable memory: a device that reports a few
+        MiB more than last time, or than the target's table, loads them instead of compiling
+        every bucket again for a few more pages."""
+        cache = self.executable_cache
+        if cache is None:
+            return planned
+        key = (self._shapes(self._abstract_cache(1)), planned.utilization)
+        stored = cache.load_note("pages", key)
+        slack = 0.02 * planned.capacity * planned.utilization
+        if isinstance(stored, int) and stored <= planned.num_pages and \
+                (planned.num_pages - stored) * planned.kv_per_page <= slack:
+            if stored != planned.num_pages:
+                logger.info("KV cache: %d pages, as the stored executables were compiled for "
+                            "(the plan allows %d)", stored, planned.num_pages)
+            return dataclasses.replace(planned, num_pages=stored)
+        cache.store_note("pages", key, planned.num_pages)
+        return planned
 
     def _profile_step(self) -> memory_plan.StepMemory | None:
         """The step's temporaries at the largest bucket, compiled against a small cache (the
@@ -204,7 +227,7 @@ class ModelRunner:
         small = self._abstract_cache(self.pages_per_seq + 1)
         shapes = self._shapes(small, self._abstract_input(T), self._abstract_sampling(rows))
         cache = self.executable_cache
-        if cache is not None and (known := cache.load_profile(shapes)) is not None:
+        if cache is not None and (known := cache.load_note("profile", shapes)) is not None:
             return memory_plan.StepMemory(**known)
         start = time.perf_counter()
         # Twice, against caches of two sizes: what grows with the cache (a copy the compiler
@@ -239,7 +262,7 @@ class ModelRunner:
                     "device", T, time.perf_counter() - start, step.activations / 2**20,
                     step.sampler / 2**20, step.per_page)
         if cache is not None:
-            cache.store_profile(shapes, step.__dict__)
+            cache.store_note("profile", shapes, step.__dict__)
         return step
 
     def _abstract_cache(self, num_pages: int):
