@@ -163,6 +163,9 @@ def bind_socket(host: str | None, port: int) -> socket.socket:
     return sock
 
 
+_FLUSH_S = 2.0
+
+
 def graceful_server(config, on_exit: Callable[[], None] | None = None,
                     drain: Callable[[float], Awaitable[None]] | None = None):
     """A uvicorn server for which SIGTERM/SIGINT is a normal stop: it drains, then `run` returns
@@ -178,6 +181,8 @@ def graceful_server(config, on_exit: Callable[[], None] | None = None,
                 for server in self.servers:
                     server.close()  # no new connections while the open ones drain
                 await drain(self.config.timeout_graceful_shutdown or 0)
+                # What is left are responses the drain ended: time to send their last bytes.
+                self.config.timeout_graceful_shutdown = _FLUSH_S
             await super().shutdown(sockets)
 
         def handle_exit(self, sig, frame) -> None:
