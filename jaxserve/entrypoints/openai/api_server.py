@@ -632,4 +632,4 @@ def _gateway_client(ns: Namespace, engine: AsyncLLMEngine, scheme: str, host: st
         device=device_info(), version=__version__, max_model_len=core.max_model_len,
         heartbeat_interval=_opt(ns, "heartbeat_interval", 30.0),
         load_fn=EngineLoad(core, names[0]), log_streaming=_opt(ns, "log_streaming", True),
-        ready=ready, logs=logs)
+        ready=ready, logs=logs, api_key=(_api_keys(ns) or [None])[0])
