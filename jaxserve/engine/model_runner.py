@@ -155,6 +155,7 @@ class ModelRunner:
         if executable_cache_dir and executable_cache.enabled() and self.pp == 1:
             self.executable_cache = executable_cache.ExecutableCache(
                 executable_cache_dir, self.step_key, self._devices())
+        self.utilization = cache_config.gpu_memory_utilization
         self.plan = self._plan_memory(cache_config)
         self.num_pages = self.plan.num_pages
         self.step_key["num_pages"] = self.num_pages
@@ -216,12 +217,18 @@ class ModelRunner:
         cache.store_note("pages", key, planned.num_pages)
         return planned
 
-    def _profile_step(self) -> memory_plan.StepMemory | None:
+    def _profile_step(self) -> memory_plan.StepMemory:
         """The step's temporaries at the largest bucket, compiled against a small cache (the
         cache is donated, so its size does not change them); remembered in the executable
-        cache. None for pipeline stages (compiled per stage, not measured)."""
+        cache. Pipeline stages compile per stage on first use and are not measured: a tenth of
+        the usable memory is kept for them instead."""
         if self.pp > 1:
-            return None
+            capacity = memory_plan.device_capacity(self.device, self.target)
+            reserve = int(0.1 * capacity * self.utilization)
+            logger.warning("pipeline stages: the step's temporaries are not measured; %.2f GiB "
+                           "per device (a tenth of what --gpu-memory-utilization allows) is kept "
+                           "for them", reserve / 2**30)
+            return memory_plan.StepMemory(activations=reserve, sampler=0)
         T = self.buckets[-1]
         rows = self.rows_for(T)
         small = self._abstract_cache(self.pages_per_seq + 1)
