@@ -93,6 +93,9 @@ class _DropCleanCancel(logging.Filter):
 def quiet_startup() -> None:
     """Install the filters above and import the CUDA plugin with its C++ lines silenced when no
     NVIDIA GPU is visible. Call before JAX initialises its backends."""
+    # NOTE: transformers announces "PyTorch was not found..." at import when torch is absent;
+    # jaxserve serves without torch by design (it needs transformers' tokenizers only).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     tpu, gpu = tpu_attached(), nvidia_gpu_visible()
     probe = _DropProbeNoise(tpu, gpu)
     for name in ("jax._src.xla_bridge", "jax._src.compilation_cache"):
