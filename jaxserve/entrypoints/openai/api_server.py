@@ -49,12 +49,11 @@ from jaxserve.entrypoints.http_common import (BodyError, bind_socket, error_body
                                              graceful_server, read_json_object,
                                              unless_disconnected)
 from jaxserve.entrypoints.openai.chat_template import load_chat_template
+from jaxserve.entrypoints.serve_flags import BY_KEY
 from jaxserve.metrics import Metrics
 
 logger = logging.getLogger("jaxserve.server")
 
-# `--max-request-body-bytes` when not given: larger bodies are refused with a 413.
-DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
 # Paths that answer without an API key.
 _OPEN_PATHS = {"/health", "/ping", "/version", "/metrics", "/openapi.json", "/docs"}
 
@@ -306,7 +305,7 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
         reasoning_parser=_opt(ns, "reasoning_parser") or None,
         trust_request_chat_template=bool(_opt(ns, "trust_request_chat_template", False)))
     chat_template = load_chat_template(_opt(ns, "chat_template"))
-    max_body = _opt(ns, "max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES)
+    max_body = _opt(ns, "max_request_body_bytes", BY_KEY["max_request_body_bytes"].default)
     max_body = None if max_body <= 0 else max_body
     # NOTE: templates, tokenizing and detokenizing run here, never on the event loop.
     prepare_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="jaxserve-prepare")
@@ -408,7 +407,7 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
     async def tokenize(request: Request) -> Response:
         body = await _read_body(request, max_body)
         if "messages" in body:
-            req = _validate(body, TokenizeChatRequest)
+            req = await asyncio.to_thread(_validate, body, TokenizeChatRequest)
             chat.check_model(req.model)
             text = await off_loop(
                 chat.render, req.messages, add_generation_prompt=req.add_generation_prompt,
@@ -416,7 +415,7 @@ def build_app(ns: Namespace, engine: AsyncLLMEngine) -> Starlette:
                 chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs,
                 tools=req.tools)
         else:
-            req = _validate(body, TokenizeCompletionRequest)
+            req = await asyncio.to_thread(_validate, body, TokenizeCompletionRequest)
             chat.check_model(req.model)
             text = req.prompt
 
