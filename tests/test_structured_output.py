@@ -404,3 +404,56 @@ def test_close_objects_refuses_unlisted_keys_everywhere_unless_the_schema_says()
     assert closed["$defs"]["e"]["additionalProperties"] is False
     assert "additionalProperties" not in schema  # the input is left alone
     jsonschema.Draft202012Validator.check_schema(closed)
+
+
+@pytest.mark.parametrize("schema, finite", [
+    ({"$ref": "#"}, False),
+    ({"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}, False),
+    ({"type": "object", "properties": {"a": False}, "required": ["a"]}, False),
+    ({"type": "array", "items": {"$ref": "#"}, "minItems": 1}, False),
+    ({"$defs": {"n": {"allOf": [{"$ref": "#/$defs/n"}]}}, "$ref": "#/$defs/n"}, False),
+    ({"type": "object", "properties": {"a": {"$ref": "#"}}}, True),  # a is optional
+    ({"type": "array", "items": {"$ref": "#"}}, True),  # [] ends it
+    ({"$defs": {"n": {"type": "object", "required": ["next"], "properties": {
+        "next": {"anyOf": [{"$ref": "#/$defs/n"}, {"type": "null"}]}}}},
+      "$ref": "#/$defs/n"}, True),  # a linked list that ends in null
+    ({"$ref": "https://example.com/remote.json"}, True),  # unknown: not refused
+], ids=str)
+def test_schemas_without_a_finite_instance_are_refused(schema, finite):
+    from jaxserve.structured_output.spec import has_finite_instance
+
+    assert has_finite_instance(schema) is finite
+    if not finite:
+        with pytest.raises(ValueError, match="no finite instance"):
+            StructuredOutputSpec.from_fields(json=schema)
+
+
+def test_library_errors_reach_clients_without_internals():
+    from jaxserve.structured_output.backend import library_error
+
+    panic = ("panic: assertion failed: grammar.symbols.len() < u16::MAX as usize - 10\n"
+             "<backtrace>\n   0: <unknown>\n   1: type_call\n")
+    assert library_error(panic) == ("the grammar library cannot build it (it is too large or "
+                                    "too complex)")
+    state = 'lexer error: too many expressions constructed\n<state>\nTokens: ⟦⟧\n"rows": 1'
+    assert library_error(state) == "lexer error: too many expressions constructed"
+    assert library_error("NoExtensionBias\n<non-verbose/>") == "the grammar allows no text at all"
+    assert len(library_error("x" * 10_000)) <= 403
+
+
+@pytest.mark.parametrize("fields", [
+    dict(grammar="root ::= root"), dict(grammar="start: start"), dict(regex="a{1000000}")],
+    ids=str)
+def test_grammars_no_text_can_start_are_rejected_at_compile(backend, fields):
+    future = backend.compile(StructuredOutputSpec.from_fields(**fields))
+    with pytest.raises(ValueError, match="no output can satisfy it") as e:
+        future.result(timeout=120)
+    assert "<state>" not in str(e.value) and "panic" not in str(e.value)
+
+
+def test_choices_are_bounded():
+    from jaxserve.structured_output.spec import MAX_CHOICES
+
+    StructuredOutputSpec.from_fields(choice=[str(i) for i in range(MAX_CHOICES)])
+    with pytest.raises(ValueError, match="at most"):
+        StructuredOutputSpec.from_fields(choice=[str(i) for i in range(MAX_CHOICES + 1)])
