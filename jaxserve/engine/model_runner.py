@@ -273,22 +273,21 @@ class ModelRunner:
         return step
 
     def _abstract_cache(self, num_pages: int):
-        """The KV cache (a stage's list under pipeline parallelism) as shapes with shardings."""
-        if self.mesh is None:
-            return self._new_cache(self.cfg.num_layers, num_pages=num_pages, abstract=True)
-        if self.pp > 1:
-            return [self._new_cache(end - start, self.placement.stage_mesh(s), num_pages, True)
-                    for s, (start, end) in enumerate(self.placement.stages)]
-        return self._new_cache(self.cfg.num_layers, self.mesh, num_pages, True)
+        """The KV cache of `num_pages` pages as shapes with shardings."""
+        return self._cache(num_pages, abstract=True)
 
     def _init_kv_cache(self):
+        return jax.block_until_ready(self._cache())
+
+    def _cache(self, num_pages: int | None = None, abstract: bool = False):
+        """The zeroed KV cache: on one device, on the mesh, or one per pipeline stage (of its
+        layers, on its devices)."""
         if self.mesh is None:
-            return jax.block_until_ready(self._new_cache(self.cfg.num_layers))
-        if self.pp > 1:  # one cache per stage, of its layers, on its devices
-            return jax.block_until_ready([
-                self._new_cache(end - start, self.placement.stage_mesh(s))
-                for s, (start, end) in enumerate(self.placement.stages)])
-        return jax.block_until_ready(self._new_cache(self.cfg.num_layers, self.mesh))
+            return self._new_cache(self.cfg.num_layers, None, num_pages, abstract)
+        if self.pp > 1:
+            return [self._new_cache(end - start, self.placement.stage_mesh(s), num_pages, abstract)
+                    for s, (start, end) in enumerate(self.placement.stages)]
+        return self._new_cache(self.cfg.num_layers, self.mesh, num_pages, abstract)
 
     def _new_cache(self, num_layers: int, mesh: Mesh | None = None,
                    num_pages: int | None = None, abstract: bool = False):
