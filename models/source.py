@@ -164,6 +164,31 @@ class ModelSource:
         return template or None
 
 
+_PATH_SUFFIXES = (".jinja", ".jinja2", ".j2")
+
+
+def looks_like_path(value: str) -> bool:
+    """A `--chat-template` value meant as a file name rather than inline Jinja: one line, no
+    Jinja tags, and a path separator or a template file suffix."""
+    if "\n" in value or "{{" in value or "{%" in value:
+        return False
+    return os.sep in value or "/" in value or value.endswith(_PATH_SUFFIXES)
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """`--chat-template`: a file's text, or the value itself when it is inline Jinja. A value
+    that names a file that does not exist is a `ValueError` (vLLM, too, fails at start-up)."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if looks_like_path(value):
+        raise ValueError(f"--chat-template {value!r}: no such file (give a readable template "
+                         "file, or the Jinja template text itself)")
+    return value
+
+
 def resolve_model(
     model: str | None, *, download_dir: str | None = None, revision: str | None = None,
     tokenizer: str | None = None,

@@ -249,6 +249,14 @@ def test_missing_chat_template_file_fails_at_start_up(tmp_path):
     assert load_chat_template(str(tmp_path / "t.jinja")) == inline
 
 
+def test_missing_chat_template_file_fails_in_python_too(tiny_model_dir, tmp_path):
+    from jaxserve import LLM
+
+    folder, _ = tiny_model_dir("LlamaForCausalLM")
+    with pytest.raises(ValueError, match="no such file"):
+        LLM(model=folder, chat_template=str(tmp_path / "missing.jinja"), max_model_len=64)
+
+
 # ---- 7. SIGTERM with streams open ----------------------------------------------------------------
 def test_sigterm_ends_open_streams_with_an_error_and_done(server_model_dir, tmp_path):
     engine = {**SERVER_ENGINE, "max_model_len": 256}

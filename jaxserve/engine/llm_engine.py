@@ -25,7 +25,7 @@ from jaxserve.engine.sequence import FinishReason, Sequence
 from jaxserve.engine.stats import StatLogger
 from jaxserve.metrics import Metrics
 from jaxserve.models.loader import load_model
-from jaxserve.models.source import resolve_model
+from jaxserve.models.source import load_chat_template, resolve_model
 from jaxserve.outputs import RequestMetrics, RequestOutput
 from jaxserve.request_state import RequestState
 from jaxserve.sampling_params import SamplingParams
@@ -77,7 +77,7 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.model_config = cfg = cfg.replace(eos_token_ids=tuple(sorted(eos)))
-        self.chat_template = _read_chat_template(args.chat_template) or source.chat_template()
+        self.chat_template = load_chat_template(args.chat_template) or source.chat_template()
         self.dtype = args.resolve_dtype(cfg)
         self.scheduler_config = args.scheduler_config(max_model_len)
         kv_dtype = args.resolve_kv_cache_dtype(self.dtype)
@@ -413,16 +413,6 @@ def _default_sampling_params(args: EngineArgs, source) -> dict:
         logger.info("default sampling parameters from the generation config: %s (use "
                     "--generation-config vllm to ignore it)", defaults)
     return defaults
-
-
-def _read_chat_template(value: str | None) -> str | None:
-    """`--chat-template` takes a file path or the template text itself."""
-    if value is None:
-        return None
-    if os.path.isfile(value):
-        with open(value) as f:
-            return f.read()
-    return value
 
 
 __all__ = ["LLMEngine", "FinishReason", "enable_compilation_cache"]

@@ -14,40 +14,18 @@ refused unless the server runs with `--trust-request-chat-template`, as in vLLM.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any
 
+from jaxserve.models.source import load_chat_template, looks_like_path  # noqa: F401
+
 # The compiled Jinja code of a template built from a string runs under this file name.
 _TEMPLATE_FILE = "<template>"
-_PATH_SUFFIXES = (".jinja", ".jinja2", ".j2")
 
 
 class TemplateLimitError(Exception):
     """A chat template ran past its time or output bound."""
-
-
-def looks_like_path(value: str) -> bool:
-    """A `--chat-template` value meant as a file name rather than inline Jinja: one line, no
-    Jinja tags, and a path separator or a template file suffix."""
-    if "\n" in value or "{{" in value or "{%" in value:
-        return False
-    return os.sep in value or "/" in value or value.endswith(_PATH_SUFFIXES)
-
-
-def load_chat_template(value: str | None) -> str | None:
-    """`--chat-template`: a file's text, or the value itself when it is inline Jinja. A value
-    that names a file that does not exist is a `ValueError` (vLLM, too, fails at start-up)."""
-    if value is None:
-        return None
-    if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            return f.read()
-    if looks_like_path(value):
-        raise ValueError(f"--chat-template {value!r}: no such file (give a readable template "
-                         "file, or the Jinja template text itself)")
-    return value
 
 
 def render_bounded(tokenizer, conversation: list[dict[str, Any]], *, template: str,
