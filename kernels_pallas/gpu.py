@@ -19,11 +19,11 @@ any G: a block may start mid-token) and:
 
 1. finds the sequences its rows belong to (`min`/`max` of the row sequences);
 2. for each of them, the positions its rows need: from the earliest row's window start to the
-   latest row's position, and loops over exactly those positions in kv blocks of
-   `block_kv = min(64, page_size)` slots (a page, or a slice of one): the page id comes from
-   `page_indices[s * P + j]` (a scalar load), then the block's keys `cache[page, slots, k, :]`
-   and values `cache[page, slots, K + k, :]` (each `[block_kv, H]`, strided in the cache) are
-   loaded straight from the full cache in HBM;
+   latest row's position, and loops over exactly those positions in kv blocks of `block_kv =
+   min(default_block_kv(H, dtype), page_size)` slots (a page, or a slice of one; 64, or 32 for
+   float32 at head_dim 256): the page id comes from `page_indices[s * P + j]` (a scalar load),
+   then the block's keys `cache[page, slots, k, :]` and values `cache[page, slots, K + k, :]`
+   (each `[block_kv, H]`, strided in the cache) are loaded straight from the full cache in HBM;
 3. scores `[block_rows, block_kv]` = q @ K^T (tensor cores for bfloat16, IEEE float32 for a
    float32 cache), optional tanh soft cap, masked to the sequence's rows, causality and the
    window; an online softmax in float32 across every kv block of every sequence of the block (a
@@ -74,6 +74,7 @@ MIN_PAGE_SIZE, MAX_PAGE_SIZE = 16, 256
 # NOTE: "no window"; positions stay far below 2**30, so `pos - kv_pos < _NO_WINDOW` always holds
 # and `pos - window + 1` cannot overflow.
 _NO_WINDOW = 1 << 30
+_KV_TILE_BYTES = 32 << 10  # at most one K (or V) tile of block_kv x head_dim in shared memory
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -89,6 +90,15 @@ def _head_chunks(head_dim: int) -> tuple[tuple[int, int], ...]:
             chunks.append((start, size))
             start += size
     return tuple(chunks)
+
+
+def default_block_kv(head_dim: int, dot_dtype) -> int:
+    """Cache slots per inner step: 64, fewer where one `[block_kv, head_dim]` tile of the MMA
+    dtype would pass 32 KiB. Triton pipelines the K and V tiles in shared memory, and for float32
+    at head_dim 256 with 32 rows per program 64 slots need more than an H100 has per block (232
+    KiB: the compiler says RESOURCE_EXHAUSTED)."""
+    fit = _KV_TILE_BYTES // (pl.next_power_of_2(head_dim) * jnp.dtype(dot_dtype).itemsize)
+    return int(max(16, min(64, fit)))
 
 
 def default_block_rows(group: int) -> int:
@@ -233,7 +243,7 @@ def ragged_paged_attention(
     layer=None,  # None, or the layer of a stacked cache (int or traced i32[])
     interpret: bool = False,
     block_rows: int | None = None,  # q rows per program; default_block_rows(N // K)
-    block_kv: int = 64,  # cache slots per inner step, at most a page
+    block_kv: int | None = None,  # cache slots per inner step; default_block_kv(H, dtype)
     num_warps: int = 4,
     num_stages: int = 2,
 ):
@@ -243,6 +253,7 @@ def ragged_paged_attention(
     K = k.shape[1]
     G = N // K
     block_rows = block_rows or default_block_rows(G)
+    block_kv = block_kv or default_block_kv(H, _dot_dtype(q.dtype, kv_cache.dtype))
     _check_supported(q, kv_cache, layer, block_rows, block_kv)
     kv_cache = write_kv(k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution,
                         layer=layer)
@@ -306,4 +317,4 @@ def _attend(q, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *, sm_s
     return out.reshape(T, N, H)
 
 
-__all__ = ["DEFAULT_PAGE_SIZE", "default_block_rows", "ragged_paged_attention"]
+__all__ = ["DEFAULT_PAGE_SIZE", "default_block_kv", "default_block_rows", "ragged_paged_attention"]
