@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join("docs", "results", "aot_sweep.json"))
     parser.add_argument("--case-timeout", type=float, default=600.0)
     parser.add_argument("--resume", action="store_true",
-                        help="keep the results already in --out and compile only the other cases")
+                        help="keep the ok results already in --out; compile the other cases")
     parser.add_argument("--summarize", nargs="+", metavar="JSON",
                         help="print markdown tables of saved results instead of compiling")
     args = parser.parse_args(argv)
@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     if args.resume and os.path.exists(args.out):
         with open(args.out) as f:
             results = [aot_runner.Result(aot.KernelCase.from_json(d["case"]), d["status"],
-                                         d["seconds"], d["error"]) for d in json.load(f)["results"]]
+                                         d["seconds"], d["error"]) for d in json.load(f)["results"]
+                       if d["status"] == "ok"]
         done = {r.case for r in results}
         cases = [c for c in cases if c not in done]
     start = time.perf_counter()
