@@ -96,7 +96,7 @@ def test_cases_cover_every_value():
                  for a in dims for b in dims if a < b}
         want = {((a, x), (b, y)) for a in dims for b in dims if a < b
                 for x in dims[a] for y in dims[b]}
-        assert pairs == want, (target, sorted(want - pairs, key=str)[:5])
+        assert pairs >= want, (target, sorted(want - pairs, key=str)[:5])
     tp = [c for cases in TARGET_CASES.values() for c in cases() if c.tp > 1]
     assert {c.cache_dtype for c in tp} == set(aot.CACHE_DTYPES)
     assert all(c.kv_heads == 1 for c in tp)
