@@ -113,3 +113,20 @@ def test_runner_resumes_after_an_abort(monkeypatch):
     assert [r.status for r in results] == ["ok", "abort", "ok"]
     assert "SIGABRT" in results[1].error
     assert [r.case for r in seen] == cases
+
+
+def test_missing_plugin_skips_or_fails_under_ci(monkeypatch):
+    """Without the plugins the group skips and names what to install; under CI it fails."""
+    import sys
+
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "plugin_versions", lambda: dict.fromkeys(
+        ("libtpu", "jax-cuda12-plugin", "jax-cuda13-plugin", "nvidia-cuda-nvcc-cu12")))
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="libtpu"):
+        require_plugin("v5e-1")
+    with pytest.raises(pytest.skip.Exception, match="CUDA plugin.*ptxas"):
+        require_plugin("h100")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set"):
+        require_plugin("v6e-1")
