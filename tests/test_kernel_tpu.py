@@ -7,7 +7,8 @@ traced), soft caps, GQA ratios 1/2/4/8, head dims 64/128/256, page sizes 16/64/2
 bfloat16, int8 and float8_e4m3fn caches, bfloat16 inputs, stacked caches (Python and traced layer),
 several token and KV blocks per call, and calls with and without jit. No test here needs a TPU;
 `test_lowers_to_mosaic` checks that the kernel lowers to Mosaic for one, which interpret mode
-never does.
+never does; tests/test_aot_kernels.py (`-m aot`) has Mosaic itself compile it for TPU v5e, v6e
+and v5p.
 """
 
 from __future__ import annotations
