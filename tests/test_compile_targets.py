@@ -58,7 +58,7 @@ def test_llama_8b_fits_v5e_4_at_tp_4_with_room_for_kv(tmp_path):
     """The plan is measured (the step compiled for v5e with the tpu kernel), every bucket
     compiles, and the executables are written where `jaxserve serve` looks."""
     out = jaxserve_compile(LLAMA, "v5e-4", "-tp", "4", "--max-model-len", "4096",
-                           "--max-num-batched-tokens", "256", "--max-num-seqs", "32",
+                           "--max-num-batched-tokens", "256", "--max-num-seqs", "16",
                            "--cudagraph-capture-sizes", "16", cache_dir=str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     weights = plan_gib(out.stdout, "weights")
@@ -67,10 +67,10 @@ def test_llama_8b_fits_v5e_4_at_tp_4_with_room_for_kv(tmp_path):
     # 15.75 GiB x 0.9, less weights and the step: several GiB left for pages
     assert kv > 5, out.stdout
     assert plan_gib(out.stdout, "total") <= 15.75 * 0.9
-    assert re.search(r"compiled 4 executables for v5e-4", out.stdout), out.stdout
+    assert re.search(r"compiled 3 executables for v5e-4", out.stdout), out.stdout
     written = [n for _, _, files in os.walk(tmp_path / "executables") for n in files
                if n.endswith(".pkl")]
-    assert sorted(n.split("-")[0] for n in written) == ["forward", "forward", "sample", "sample"]
+    assert sorted(n.split("-")[0] for n in written) == ["forward", "forward", "sample"]
 
 
 # The smallest and largest token buckets of the engine step (--cudagraph-capture-sizes 16 and
