@@ -43,9 +43,11 @@ SWEEP = [
 COMMON = ("--max-model-len", "8192")
 
 
-def run_one(model: str, target: str, flags: tuple[str, ...], timeout: int) -> dict:
+def run_one(model: str, target: str, flags: tuple[str, ...], timeout: int,
+            extra: tuple[str, ...] = ()) -> dict:
+    flags = (*flags, *COMMON, *extra)
     cmd = [sys.executable, "-m", "jaxserve.cli", "compile", os.path.join(CONFIGS, model),
-           "--target", target, *flags, *COMMON]
+           "--target", target, *flags]
     env = {**os.environ, "JAXSERVE_EXECUTABLE_CACHE": "0"}
     env.pop("XLA_FLAGS", None)
     start = time.perf_counter()
@@ -54,7 +56,7 @@ def run_one(model: str, target: str, flags: tuple[str, ...], timeout: int) -> di
         rc, stdout, stderr = out.returncode, out.stdout, out.stderr
     except subprocess.TimeoutExpired as e:
         rc, stdout, stderr = "timeout", e.stdout or "", e.stderr or ""
-    row = {"model": model, "target": target, "flags": " ".join(flags + COMMON), "rc": rc,
+    row = {"model": model, "target": target, "flags": " ".join(flags), "rc": rc,
            "wall_s": round(time.perf_counter() - start, 1)}
     for name in ("capacity", "weights", "activations", "logits/sampler", "KV cache", "total"):
         m = re.search(rf"^\s*{re.escape(name)}\s+([0-9.]+) GiB", stdout, re.M)
@@ -74,6 +76,9 @@ def run_one(model: str, target: str, flags: tuple[str, ...], timeout: int) -> di
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="targets or models containing this text")
+    parser.add_argument("--rows", help="comma-separated row numbers of SWEEP to run (0-based)")
+    parser.add_argument("--engine", default="", help="more `jaxserve serve` flags for every row, "
+                        "e.g. \"--max-num-batched-tokens 512 --max-num-seqs 64\"")
     parser.add_argument("--timeout", type=int, default=3600)
     parser.add_argument("--out", default=os.path.join(
         ROOT, "docs", "results", f"{datetime.date.today()}-compile-sweep.json"))
@@ -85,10 +90,12 @@ def main() -> int:
     machine = {"cpu": cpu.group(1) if cpu else platform.machine(), "cores": os.cpu_count(),
                "python": sys.version.split()[0], **versions()}
     rows = []
-    for model, target, flags in SWEEP:
+    order = [int(i) for i in ns.rows.split(",")] if ns.rows else range(len(SWEEP))
+    for i in order:
+        model, target, flags = SWEEP[i]
         if ns.only and ns.only not in target and ns.only not in model:
             continue
-        row = run_one(model, target, flags, ns.timeout)
+        row = run_one(model, target, flags, ns.timeout, tuple(ns.engine.split()))
         rows.append(row)
         print(json.dumps(row), flush=True)
         with open(ns.out, "w") as f:
