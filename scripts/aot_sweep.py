@@ -78,7 +78,7 @@ def main(argv=None) -> int:
               flush=True)
         with open(args.out, "w") as f:
             json.dump({**meta, "wall_seconds": round(time.perf_counter() - start, 1),
-                       "results": [x.to_json() for x in results]}, f, indent=1)
+                       "results": [x.to_json() for x in results]}, f)
 
     aot_runner.run_cases(cases, case_timeout=args.case_timeout, on_result=on_result)
     print()
