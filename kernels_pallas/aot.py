@@ -192,7 +192,8 @@ def all_pairs(dims: dict[str, tuple]) -> list[dict]:
     return rows
 
 
-def _dims(backend: str) -> dict[str, tuple]:
+def dimensions(backend: str) -> dict[str, tuple]:
+    """The values each case dimension takes for a backend (`tpu` or `gpu`)."""
     return {"cache_dtype": CACHE_DTYPES, "head_dim": HEAD_DIMS, "group": GROUPS,
             "kv_heads": KV_HEADS, "page_size": PAGE_SIZES[backend], "batch": BATCHES,
             "window": (None, 16), "soft_cap": (None, 30.0), "stacked": (False, True)}
@@ -200,13 +201,13 @@ def _dims(backend: str) -> dict[str, tuple]:
 
 def covering_cases(target: str) -> list[KernelCase]:
     """All-pairs over every dimension for one target."""
-    return [KernelCase(target, **row) for row in all_pairs(_dims(platform_of(target)))]
+    return [KernelCase(target, **row) for row in all_pairs(dimensions(platform_of(target)))]
 
 
 def each_value_cases(target: str) -> list[KernelCase]:
     """Every value of every dimension at least once (the i-th case takes each dimension's i-th
     value, cycling)."""
-    dims = _dims(platform_of(target))
+    dims = dimensions(platform_of(target))
     n = max(len(values) for values in dims.values())
     return [KernelCase(target, **{k: v[i % len(v)] for k, v in dims.items()}) for i in range(n)]
 

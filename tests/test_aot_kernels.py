@@ -86,12 +86,12 @@ def test_cases_cover_every_value():
     pair of values on v6e and the H100."""
     for target in ("v6e-1", "v5e-1", "v5p-8", "h100"):
         cases = TARGET_CASES[target]()
-        for name, values in aot._dims(aot.platform_of(target)).items():
+        for name, values in aot.dimensions(aot.platform_of(target)).items():
             seen = {getattr(c, name) for c in cases}
             assert seen >= set(values), (target, name, set(values) - seen)
     for target in ("v6e-1", "h100"):
         cases = TARGET_CASES[target]()
-        dims = aot._dims(aot.platform_of(target))
+        dims = aot.dimensions(aot.platform_of(target))
         pairs = {((a, getattr(c, a)), (b, getattr(c, b))) for c in cases
                  for a in dims for b in dims if a < b}
         want = {((a, x), (b, y)) for a in dims for b in dims if a < b
