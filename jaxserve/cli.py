@@ -109,7 +109,8 @@ def _compile(argv: list[str]) -> int:
     compiled for a TPU slice or GPU this machine need not have, with the memory plan."""
     from jaxserve.engine import targets
 
-    pre = argparse.ArgumentParser(prog="jaxserve compile", add_help=False)
+    pre = argparse.ArgumentParser(prog="jaxserve compile", add_help=False,
+                                  usage="jaxserve compile [MODEL] --target TARGET [serve flags]")
     pre.add_argument("--target", required=True,
                      help=f"what to compile for: {', '.join(targets.TARGETS)} (GPUs also as "
                           "NAMExCOUNT, e.g. h100x8)")
