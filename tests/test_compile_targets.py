@@ -8,6 +8,7 @@ with it), as a user runs it. The plans are checked against weight sizes computed
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -94,3 +95,23 @@ def test_engine_step_compiles_for_target(model, target, flags, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert re.search(rf"compiled 3 executables for {target}", out.stdout), out.stdout
     assert plan_gib(out.stdout, "total") > 0
+
+
+def test_data_parallel_compiles_each_replica_for_its_devices(tmp_path):
+    """-dp 2 on two H100s: each replica's executables, keyed by its own devices, as
+    `jaxserve serve -dp 2` looks them up (a tiny config: this checks the wiring)."""
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
+        "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16"}))
+    out = jaxserve_compile(str(model), "h100x2", "-dp", "2", "--max-model-len", "256",
+                           "--max-num-batched-tokens", "32", "--max-num-seqs", "8",
+                           "--cudagraph-capture-sizes", "16", cache_dir=str(tmp_path / "cache"))
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "compiled 6 executables for h100x2" in out.stdout, out.stdout
+    keys = os.listdir(tmp_path / "cache" / "executables")
+    assert len(keys) == 2  # one folder per replica's devices

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 class CompileReport(NamedTuple):
     target: targets.Target
     plan: object  # memory_plan.MemoryPlan
-    seconds: float  # compiling every bucket
+    seconds: float  # planning and compiling every bucket (of every data-parallel replica)
     num_executables: int
     folder: str | None  # where the executables were written
 
@@ -43,7 +43,7 @@ def compile_for_target(args, target_name: str) -> CompileReport:
     from jaxserve.config import ModelConfig
     from jaxserve.engine.llm_engine import enable_compilation_cache
     from jaxserve.engine.model_runner import ModelRunner
-    from jaxserve.engine.replica import replica_placements
+    from jaxserve.engine.replica import device_ids, replica_placements
     from jaxserve.models.source import resolve_model
 
     if args.pipeline_parallel_size > 1:
@@ -68,23 +68,36 @@ def compile_for_target(args, target_name: str) -> CompileReport:
     if parallel.world_size > len(devices):
         raise ValueError(f"dp {parallel.data} x pp {parallel.pipe} x tp {parallel.model} = "
                          f"{parallel.world_size} devices, but {target.name} has {len(devices)}")
-    placement = replica_placements(cfg, parallel, devices)[0]
-    model_cfg = placement.model_config(cfg) if placement else cfg
+    placements = replica_placements(cfg, parallel, devices)
+    model_cfg = placements[0].model_config(cfg) if placements[0] else cfg
     logger.info("compiling %s for %s (%s): dtype %s, KV cache %s, attention backend %s",
                 source.name, target.name, target.description, jnp.dtype(dtype).name,
                 jnp.dtype(kv_dtype).name, backend)
-    runner = ModelRunner(
-        model_cfg, args.cache_config(backend), args.scheduler_config(max_model_len, platform),
-        dtype, kv_cache_dtype=kv_dtype, compile_sizes=args.compile_sizes,
-        executable_cache_dir=os.path.join(cache_dir, "executables"),
-        cache_key={"attention_backend": backend}, placement=placement,
-        attention_backend=backend, device=devices[0], target=target, allocate=False)
+    # NOTE: as LLMEngine builds them: with data parallelism each replica's executables run on
+    # its own devices (so they are keyed by them), and the replicas take replica 0's page count.
+    cache_config = args.cache_config(backend)
+    runners: list[ModelRunner] = []
     start = time.perf_counter()
-    seconds = runner.compile_all()
-    logger.info("%s: compiled in %.1f s", target.name, time.perf_counter() - start)
-    cache = runner.executable_cache
-    return CompileReport(target, runner.plan, seconds,
-                         len(runner._forward_exe) + len(runner._sample_exe),
+    for placement in placements:
+        cache_key = {"attention_backend": backend}
+        if len(placements) > 1:
+            cache_key["devices"] = device_ids(placement)
+            if runners:
+                cache_config = dataclasses.replace(cache_config,
+                                                   num_gpu_blocks_override=runners[0].num_pages)
+        runner = ModelRunner(
+            model_cfg, cache_config, args.scheduler_config(max_model_len, platform), dtype,
+            kv_cache_dtype=kv_dtype, compile_sizes=args.compile_sizes,
+            executable_cache_dir=os.path.join(cache_dir, "executables"), cache_key=cache_key,
+            placement=placement, attention_backend=backend, device=devices[0], target=target,
+            allocate=False)
+        runner.compile_all()
+        runners.append(runner)
+    seconds = time.perf_counter() - start
+    logger.info("%s: compiled in %.1f s", target.name, seconds)
+    cache = runners[0].executable_cache
+    return CompileReport(target, runners[0].plan, seconds,
+                         sum(len(r._forward_exe) + len(r._sample_exe) for r in runners),
                          cache.folder if cache else None)
 
 
