@@ -98,10 +98,22 @@ def test_default_chat_template_equals_transformers(ours, reference):
         assert ours.decode(ours.encode(text)) == text
 
 
+def _llama_writer(path, vocab_size: int):
+    """A GGUFWriter for a one-layer llama of `vocab_size` tokens (the metadata a file needs)."""
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), "llama")
+    for add, value in (("block_count", 1), ("context_length", 64), ("embedding_length", 16),
+                       ("feed_forward_length", 32), ("head_count", 2), ("head_count_kv", 1),
+                       ("layer_norm_rms_eps", 1e-6), ("vocab_size", vocab_size)):  # fmt: skip
+        getattr(w, f"add_{add}")(value)
+    return w
+
+
 def _write_vocab_gguf(path, pre: str, add_bos: bool) -> None:
     """A llama GGUF without tensors whose vocabulary is every byte, a few merges, two control
     tokens and a user-defined one, as llama.cpp's converter writes a byte-level BPE vocabulary."""
-    from gguf import GGUFWriter, TokenType
+    from gguf import TokenType
 
     alphabet = _byte_alphabet()
     tokens = [alphabet[b] for b in range(256)]
@@ -110,11 +122,7 @@ def _write_vocab_gguf(path, pre: str, add_bos: bool) -> None:
     types = [TokenType.NORMAL] * len(tokens)
     tokens += ["<|begin|>", "<|end|>", "<think>"]
     types += [TokenType.CONTROL, TokenType.CONTROL, TokenType.USER_DEFINED]
-    w = GGUFWriter(str(path), "llama")
-    for add, value in (("block_count", 1), ("context_length", 64), ("embedding_length", 16),
-                       ("feed_forward_length", 32), ("head_count", 2), ("head_count_kv", 1),
-                       ("layer_norm_rms_eps", 1e-6), ("vocab_size", len(tokens))):  # fmt: skip
-        getattr(w, f"add_{add}")(value)
+    w = _llama_writer(path, len(tokens))
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -165,7 +173,7 @@ def test_written_vocab_equals_transformers(tmp_path, pre, add_bos):
 def _write_sentencepiece_gguf(path) -> None:
     """A llama GGUF without tensors with a sentencepiece vocabulary as llama.cpp writes one:
     <unk>, <s>, </s>, the 256 byte tokens, then pieces with scores and no merges."""
-    from gguf import GGUFWriter, TokenType
+    from gguf import TokenType
 
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
@@ -175,11 +183,7 @@ def _write_sentencepiece_gguf(path) -> None:
     tokens += pieces + ["<tool>"]
     types += [TokenType.NORMAL] * len(pieces) + [TokenType.USER_DEFINED]
     scores = [0.0] * 259 + [-float(i * 7 % 11) - i / 100 for i in range(len(pieces))] + [0.0]
-    w = GGUFWriter(str(path), "llama")
-    for add, value in (("block_count", 1), ("context_length", 64), ("embedding_length", 16),
-                       ("feed_forward_length", 32), ("head_count", 2), ("head_count_kv", 1),
-                       ("layer_norm_rms_eps", 1e-6), ("vocab_size", len(tokens))):  # fmt: skip
-        getattr(w, f"add_{add}")(value)
+    w = _llama_writer(path, len(tokens))
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_types(types)
