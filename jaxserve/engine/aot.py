@@ -6,7 +6,9 @@ page size, buckets and mesh), from the model's config alone (`--load-format dumm
 nothing is read but config.json), plans memory per device, and compiles every bucket (forward with
 its attention kernel, sampler with its structured-output mask) through libtpu or the CUDA plugin.
 The executables go where `jaxserve serve` on the target finds them (`--compilation-cache-dir`,
-default `~/.cache/jaxserve/xla`, under `executables/`).
+default `~/.cache/jaxserve/xla`, under `executables/`): one set per data-parallel replica, keyed
+by its devices. Pipeline stages (`-pp`) are compiled per bucket to check that they build, and not
+stored (the engine compiles them where they run).
 """
 
 from __future__ import annotations
@@ -46,9 +48,6 @@ def compile_for_target(args, target_name: str) -> CompileReport:
     from jaxserve.engine.replica import device_ids, replica_placements
     from jaxserve.models.source import resolve_model
 
-    if args.pipeline_parallel_size > 1:
-        raise ValueError("jaxserve compile with --pipeline-parallel-size > 1 is not implemented "
-                         "yet: pipeline stages compile on first use, per stage")
     if args.nnodes > 1:
         raise ValueError("jaxserve compile targets one host; --nnodes is not supported")
     cache_dir = enable_compilation_cache(args.compilation_cache_dir)
@@ -97,7 +96,8 @@ def compile_for_target(args, target_name: str) -> CompileReport:
     logger.info("%s: compiled in %.1f s", target.name, seconds)
     cache = runners[0].executable_cache
     return CompileReport(target, runners[0].plan, seconds,
-                         sum(len(r._forward_exe) + len(r._sample_exe) for r in runners),
+                         sum(getattr(r, "num_compiled_stages", 0) or
+                             len(r._forward_exe) + len(r._sample_exe) for r in runners),
                          cache.folder if cache else None)
 
 
@@ -106,13 +106,23 @@ def run(args, target_name: str) -> int:
     does not fit or the target cannot be compiled for."""
     from jaxserve.engine.memory_plan import OutOfMemoryPlan
 
+    import jax
+
     args = dataclasses.replace(args, load_format="dummy")
     try:
         report = compile_for_target(args, target_name)
     except (OutOfMemoryPlan, targets.PluginMissing, ValueError) as e:
         print(f"jaxserve compile --target {target_name}: {e}")
         return 1
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"jaxserve compile --target {target_name}: a bucket does not fit the device as "
+              f"planned: {e}")
+        return 1
     print(report.plan.describe())
+    where = report.folder or ("not stored: pipeline stages compile where they run, on first use"
+                              if args.pipeline_parallel_size > 1 else "nowhere (cache off)")
     print(f"compiled {report.num_executables} executables for {report.target.name} in "
-          f"{report.seconds:.1f} s; written to {report.folder or 'nowhere (cache off)'}")
+          f"{report.seconds:.1f} s; written to {where}")
     return 0

@@ -122,6 +122,7 @@ class ModelRunner:
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_model_len = scheduler_config.max_model_len
         self.pages_per_seq = -(-self.max_model_len // self.page_size)
+        self.dtype = dtype
         self.kv_dtype = kv_dtype = kv_cache_dtype or dtype
         self.eos_token_ids = tuple(model_config.eos_token_ids)
         min_bucket = 1 if self.device.platform == "cpu" else 16
@@ -412,6 +413,8 @@ class ModelRunner:
             return 0.0
         if self.pipeline is not None:
             return self._warm_up_pipeline()
+        if self.pp > 1:  # a compile target: nothing can run, every stage is lowered
+            return self._compile_pipeline_stages()
         start = time.perf_counter()
         cache = self.executable_cache
         if cache and not self._loads:
@@ -473,6 +476,28 @@ class ModelRunner:
         seconds = time.perf_counter() - start
         logger.info("compiled %d token buckets %s over %d pipeline stages in %.1f s",
                     len(self.buckets), self.buckets, self.pp, seconds)
+        return seconds
+
+    def _compile_pipeline_stages(self) -> float:
+        """Pipeline stages for a compile target: every stage (per micro-batch size) and the
+        head of every bucket, and the samplers, compiled from shapes (not stored: pipeline
+        executables compile on first use where they run)."""
+        start = time.perf_counter()
+        pipeline = Pipeline(self.graphdef, self.abstract_state, self.placement, self._head,
+                            num_micro_batches=self.pp)
+        cache = self._abstract_cache(self.num_pages)
+        lowered = [x for T in self.buckets
+                   for x in pipeline.lower_all(cache, self._empty_input(T), self.dtype)]
+        lowered += [self._lower(False, r) for r in sorted({self.rows_for(b) for b in self.buckets})
+                    if r not in self._sample_exe]
+        futures = [self._pool.submit(x.compile) for x in lowered]
+        for future in progress(futures, desc="Compiling pipeline stages", unit="executable"):
+            future.result()
+        self._pool.shutdown(wait=False)
+        self.num_compiled_stages = len(lowered)
+        seconds = time.perf_counter() - start
+        logger.info("compiled %d executables (%d pipeline stages and the head per token bucket "
+                    "%s, samplers) in %.1f s", len(lowered), self.pp, self.buckets, seconds)
         return seconds
 
     def _replicated(self):

@@ -89,6 +89,7 @@ class Pipeline:
         filters = [functools.partial(_in_stage, stage=s, bounds=self.stages)
                    for s in range(self.pp)]
         model = nnx.merge(graphdef, state)
+        self.config = model.config
         # One state per stage, and whatever is not a stage's parameter (nothing, today).
         self.graphdef, *parts, self.rest = nnx.split(model, *[
             nnx.All(nnx.Param, f) for f in filters], ...)
@@ -153,6 +154,35 @@ class Pipeline:
         with jax.set_mesh(self.placement.stage_mesh(self.head_stage)):
             logits, prompt = self._head_fn(self.states[self.head_stage], h, inp)
         return kv_caches, logits, prompt
+
+
+    def lower_all(self, kv_caches: list, inp, dtype) -> list:
+        """Every executable `forward` would compile for the step `inp` (token ids, metadata:
+        host arrays of the bucket's shapes), lowered from shapes: each stage per micro-batch
+        size and the head (`jaxserve compile --target`, where no stage can run). `kv_caches`
+        and this pipeline's states may be ShapeDtypeStructs with shardings."""
+        T = inp.token_ids.shape[0]
+        num = self.num_micro_batches if T % self.num_micro_batches == 0 else 1
+        mb = split_micro_batches(inp.token_ids, inp.positions, inp.md, num)[0]
+
+        def on(stage, tree):
+            sharding = self.stage_sharding(stage)
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                                               sharding=sharding), tree)
+
+        D = self.config.hidden_size
+        lowered = []
+        for s in range(self.pp):
+            x = on(s, mb.token_ids) if s == 0 else jax.ShapeDtypeStruct(
+                (mb.token_ids.shape[0], D), dtype, sharding=self.stage_sharding(s))
+            with jax.set_mesh(self.placement.stage_mesh(s)):
+                lowered.append(self._stage_fns[s].lower(self.states[s], kv_caches[s], x,
+                                                        on(s, mb.positions), on(s, mb.md)))
+        h = jax.ShapeDtypeStruct((T, D), dtype, sharding=self.stage_sharding(self.head_stage))
+        with jax.set_mesh(self.placement.stage_mesh(self.head_stage)):
+            lowered.append(self._head_fn.lower(self.states[self.head_stage], h,
+                                               on(self.head_stage, inp)))
+        return lowered
 
 
 def _in_stage(path, value, *, stage: int, bounds) -> bool:
