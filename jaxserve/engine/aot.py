@@ -40,6 +40,7 @@ def compile_for_target(args, target_name: str) -> CompileReport:
     target = targets.get_target(target_name)
     devices = targets.devices(target.name)
 
+    import jax
     import jax.numpy as jnp
 
     from jaxserve.config import ModelConfig
@@ -51,6 +52,9 @@ def compile_for_target(args, target_name: str) -> CompileReport:
     if args.nnodes > 1:
         raise ValueError("jaxserve compile targets one host; --nnodes is not supported")
     cache_dir = enable_compilation_cache(args.compilation_cache_dir)
+    # NOTE: JAX's own cache cannot load entries without a device client (it warns on each);
+    # the executables this writes go to jaxserve's executable cache instead.
+    jax.config.update("jax_enable_compilation_cache", False)
     source = resolve_model(args.model, download_dir=args.download_dir, revision=args.revision)
     if args.hf_overrides:
         source.hf_config.update(args.hf_overrides)

@@ -221,15 +221,11 @@ class ModelRunner:
     def _profile_step(self) -> memory_plan.StepMemory:
         """The step's temporaries at the largest bucket, compiled against a small cache (the
         cache is donated, so its size does not change them); remembered in the executable
-        cache. Pipeline stages compile per stage on first use and are not measured: a tenth of
-        the usable memory is kept for them instead."""
+        cache. Under pipeline parallelism every stage and the head are measured, each on its
+        own devices, and the most any device needs counts (not remembered: stages are not
+        stored)."""
         if self.pp > 1:
-            capacity = memory_plan.device_capacity(self.device, self.target)
-            reserve = int(0.1 * capacity * self.utilization)
-            logger.warning("pipeline stages: the step's temporaries are not measured; %.2f GiB "
-                           "per device (a tenth of what --gpu-memory-utilization allows) is kept "
-                           "for them", reserve / 2**30)
-            return memory_plan.StepMemory(activations=reserve, sampler=0)
+            return self._profile_pipeline()
         T = self.buckets[-1]
         rows = self.rows_for(T)
         small = self._abstract_cache(self.pages_per_seq + 1)
@@ -240,7 +236,7 @@ class ModelRunner:
         start = time.perf_counter()
         # Twice, against caches of two sizes: what grows with the cache (a copy the compiler
         # could not avoid) is measured per page, not assumed away.
-        more = 2 * (self.pages_per_seq + 1)
+        more = self._more_pages()
         with self._on_mesh():
             lowered = [self._jit_forward.lower(self.abstract_state, cache_, self._abstract_input(T))
                        for cache_ in (small, self._abstract_cache(self.pages_per_seq + 1 + more))]
@@ -271,6 +267,35 @@ class ModelRunner:
                     step.sampler / 2**20, step.per_page)
         if cache is not None:
             cache.store_note("profile", shapes, step.__dict__)
+        return step
+
+    def _more_pages(self) -> int:
+        """How much larger the profile's second cache is: a tenth of the usable memory (a copy
+        the compiler makes only of large arrays shows), at least two sequences' pages."""
+        usable = memory_plan.device_capacity(self.device, self.target) * self.utilization
+        per_page = memory_plan.bytes_per_device(self._abstract_cache(1))
+        return max(2 * (self.pages_per_seq + 1), int(0.1 * usable) // per_page)
+
+    def _profile_pipeline(self) -> memory_plan.StepMemory:
+        """`_profile_step` for pipeline stages: the largest bucket's stages and head compiled
+        against caches of two sizes, and its sampler."""
+        T, pages = self.buckets[-1], self.pages_per_seq + 1
+        more = self._more_pages()
+        pipeline = Pipeline(self.graphdef, self.abstract_state, self.placement, self._head,
+                            num_micro_batches=self.pp)
+        runs = [[x.compile().memory_analysis()
+                 for x in pipeline.lower_all(self._abstract_cache(n), self._empty_input(T),
+                                             self.dtype)] for n in (pages, pages + more)]
+        sampler = self._lower(False, self.rows_for(T)).compile().memory_analysis()
+        # NOTE: stages run one after another on their own devices: the largest counts.
+        temp = [max(m.temp_size_in_bytes for m in run) for run in runs]
+        out = max(m.output_size_in_bytes - m.alias_size_in_bytes for m in runs[0])
+        step = memory_plan.StepMemory(
+            activations=temp[0], per_page=max(0, temp[1] - temp[0]) // more,
+            sampler=out + sampler.temp_size_in_bytes + sampler.output_size_in_bytes)
+        logger.info("profiled %d pipeline stages at %d tokens: %.1f MiB of activations, %d "
+                    "bytes per KV page of temporaries per device", self.pp, T,
+                    step.activations / 2**20, step.per_page)
         return step
 
     def _abstract_cache(self, num_pages: int):
