@@ -26,7 +26,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 
-from jaxserve.kernels_pallas import aot
 from jaxserve.kernels_pallas.aot import KernelCase
 
 _MARK = "AOT_RESULT "
