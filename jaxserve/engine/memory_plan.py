@@ -92,21 +92,18 @@ class StepMemory:
     #                    cache the compiler could not update in place shows here)
 
     @classmethod
-    def measure(cls, forward_compiled, sample_compiled, forward_more=None,
-                more_pages: int = 0) -> StepMemory:
-        """From the forward compiled against a small cache (and, with `forward_more`, against
-        one `more_pages` pages larger) and the sampler."""
-        f = forward_compiled.memory_analysis()
-        s = sample_compiled.memory_analysis()
-        per_page = 0
-        if forward_more is not None:
-            grown = forward_more.memory_analysis().temp_size_in_bytes - f.temp_size_in_bytes
-            per_page = max(0, grown) // more_pages
+    def measure(cls, small: list, larger: list, sampler, more_pages: int) -> StepMemory:
+        """From the memory analyses of the step's executables (one, or a pipeline's stages and
+        head, each on its own devices: the largest counts) compiled against a small cache and
+        against one `more_pages` pages larger, and of the sampler."""
+        temp = max(m.temp_size_in_bytes for m in small)
+        grown = max(m.temp_size_in_bytes for m in larger) - temp
         # NOTE: the forward's outputs beyond the aliased (donated) cache are the logits and
         # prompt logprobs; they live until the sampler has run.
-        forward_out = max(0, f.output_size_in_bytes - f.alias_size_in_bytes)
-        return cls(activations=int(f.temp_size_in_bytes), per_page=int(per_page),
-                   sampler=int(forward_out + s.temp_size_in_bytes + s.output_size_in_bytes))
+        out = max(m.output_size_in_bytes - m.alias_size_in_bytes for m in small)
+        return cls(activations=int(temp), per_page=int(max(0, grown) // more_pages),
+                   sampler=int(max(0, out) + sampler.temp_size_in_bytes
+                               + sampler.output_size_in_bytes))
 
 
 @dataclass(frozen=True)

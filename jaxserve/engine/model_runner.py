@@ -156,7 +156,6 @@ class ModelRunner:
         if executable_cache_dir and executable_cache.enabled() and self.pp == 1:
             self.executable_cache = executable_cache.ExecutableCache(
                 executable_cache_dir, self.step_key, self._devices())
-        self.utilization = cache_config.gpu_memory_utilization
         self.plan = self._plan_memory(cache_config)
         self.num_pages = self.plan.num_pages
         self.step_key["num_pages"] = self.num_pages
@@ -178,14 +177,14 @@ class ModelRunner:
     # ---- memory ------------------------------------------------------------------------------
     def _plan_memory(self, cache: CacheConfig) -> memory_plan.MemoryPlan:
         """Size the KV cache from the per-device memory plan (engine/memory_plan.py)."""
+        capacity = memory_plan.device_capacity(self.device, self.target)
+        kv_per_page = memory_plan.bytes_per_device(self._abstract_cache(1))
         plan = functools.partial(
             memory_plan.plan_memory,
             device=f"{self.target.name}: {self.target.description}" if self.target else
             f"{self.device.platform} {self.device.device_kind}",
-            capacity=memory_plan.device_capacity(self.device, self.target),
-            utilization=cache.gpu_memory_utilization,
-            weights=memory_plan.bytes_per_device(self.abstract_state),
-            kv_per_page=memory_plan.bytes_per_device(self._abstract_cache(1)),
+            capacity=capacity, utilization=cache.gpu_memory_utilization,
+            weights=memory_plan.bytes_per_device(self.abstract_state), kv_per_page=kv_per_page,
             page_size=self.page_size, pages_per_seq=self.pages_per_seq,
             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
             cpu=self.device.platform == "cpu",
@@ -194,7 +193,11 @@ class ModelRunner:
         if cache.num_gpu_blocks_override or cache.kv_cache_memory_bytes:
             return plan(step=None)
         plan(step=None)  # the weights and one sequence's KV fit, before compiling anything
-        planned = plan(step=self._profile_step())
+        # The profile's second cache is a tenth of the usable memory larger (a copy the
+        # compiler makes only of large arrays shows), at least two sequences' pages.
+        more = max(2 * (self.pages_per_seq + 1),
+                   int(0.1 * capacity * cache.gpu_memory_utilization) // kv_per_page)
+        planned = plan(step=self._profile_step(more))
         return self._same_pages_as_before(planned)
 
     def _same_pages_as_before(self, planned: memory_plan.MemoryPlan) -> memory_plan.MemoryPlan:
@@ -218,14 +221,14 @@ class ModelRunner:
         cache.store_note("pages", key, planned.num_pages)
         return planned
 
-    def _profile_step(self) -> memory_plan.StepMemory:
+    def _profile_step(self, more: int) -> memory_plan.StepMemory:
         """The step's temporaries at the largest bucket, compiled against a small cache (the
         cache is donated, so its size does not change them); remembered in the executable
-        cache. Under pipeline parallelism every stage and the head are measured, each on its
-        own devices, and the most any device needs counts (not remembered: stages are not
-        stored)."""
+        cache. `more`: how many pages larger the second cache is. Under pipeline parallelism
+        every stage and the head are measured, each on its own devices, and the most any device
+        needs counts (not remembered: stages are not stored)."""
         if self.pp > 1:
-            return self._profile_pipeline()
+            return self._profile_pipeline(more)
         T = self.buckets[-1]
         rows = self.rows_for(T)
         small = self._abstract_cache(self.pages_per_seq + 1)
@@ -236,7 +239,6 @@ class ModelRunner:
         start = time.perf_counter()
         # Twice, against caches of two sizes: what grows with the cache (a copy the compiler
         # could not avoid) is measured per page, not assumed away.
-        more = self._more_pages()
         with self._on_mesh():
             lowered = [self._jit_forward.lower(self.abstract_state, cache_, self._abstract_input(T))
                        for cache_ in (small, self._abstract_cache(self.pages_per_seq + 1 + more))]
@@ -260,7 +262,9 @@ class ModelRunner:
             if cache is not None:
                 cache.store(f"sample-{rows}", self._shapes_of("sample", rows), sampler)
         self._sample_exe[rows] = sampler
-        step = memory_plan.StepMemory.measure(forward, sampler, forward_more, more)
+        step = memory_plan.StepMemory.measure([forward.memory_analysis()],
+                                              [forward_more.memory_analysis()],
+                                              sampler.memory_analysis(), more)
         logger.info("profiled the step at %d tokens in %.1f s: %.1f MiB of activations, %.1f "
                     "MiB of logits and sampler buffers, %d bytes per KV page of temporaries per "
                     "device", T, time.perf_counter() - start, step.activations / 2**20,
@@ -269,30 +273,18 @@ class ModelRunner:
             cache.store_note("profile", shapes, step.__dict__)
         return step
 
-    def _more_pages(self) -> int:
-        """How much larger the profile's second cache is: a tenth of the usable memory (a copy
-        the compiler makes only of large arrays shows), at least two sequences' pages."""
-        usable = memory_plan.device_capacity(self.device, self.target) * self.utilization
-        per_page = memory_plan.bytes_per_device(self._abstract_cache(1))
-        return max(2 * (self.pages_per_seq + 1), int(0.1 * usable) // per_page)
-
-    def _profile_pipeline(self) -> memory_plan.StepMemory:
+    def _profile_pipeline(self, more: int) -> memory_plan.StepMemory:
         """`_profile_step` for pipeline stages: the largest bucket's stages and head compiled
         against caches of two sizes, and its sampler."""
         T, pages = self.buckets[-1], self.pages_per_seq + 1
-        more = self._more_pages()
         pipeline = Pipeline(self.graphdef, self.abstract_state, self.placement, self._head,
                             num_micro_batches=self.pp)
-        runs = [[x.compile().memory_analysis()
-                 for x in pipeline.lower_all(self._abstract_cache(n), self._empty_input(T),
-                                             self.dtype)] for n in (pages, pages + more)]
+        small, larger = ([x.compile().memory_analysis()
+                          for x in pipeline.lower_all(self._abstract_cache(n),
+                                                      self._empty_input(T), self.dtype)]
+                         for n in (pages, pages + more))
         sampler = self._lower(False, self.rows_for(T)).compile().memory_analysis()
-        # NOTE: stages run one after another on their own devices: the largest counts.
-        temp = [max(m.temp_size_in_bytes for m in run) for run in runs]
-        out = max(m.output_size_in_bytes - m.alias_size_in_bytes for m in runs[0])
-        step = memory_plan.StepMemory(
-            activations=temp[0], per_page=max(0, temp[1] - temp[0]) // more,
-            sampler=out + sampler.temp_size_in_bytes + sampler.output_size_in_bytes)
+        step = memory_plan.StepMemory.measure(small, larger, sampler, more)
         logger.info("profiled %d pipeline stages at %d tokens: %.1f MiB of activations, %d "
                     "bytes per KV page of temporaries per device", self.pp, T,
                     step.activations / 2**20, step.per_page)
