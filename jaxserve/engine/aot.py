@@ -46,7 +46,7 @@ def compile_for_target(args, target_name: str) -> CompileReport:
     from jaxserve.config import ModelConfig
     from jaxserve.engine.llm_engine import enable_compilation_cache
     from jaxserve.engine.model_runner import ModelRunner
-    from jaxserve.engine.replica import device_ids, replica_placements
+    from jaxserve.engine.replica import replica_placements, replica_runner_settings
     from jaxserve.models.source import resolve_model
 
     if args.nnodes > 1:
@@ -76,18 +76,13 @@ def compile_for_target(args, target_name: str) -> CompileReport:
     logger.info("compiling %s for %s (%s): dtype %s, KV cache %s, attention backend %s",
                 source.name, target.name, target.description, jnp.dtype(dtype).name,
                 jnp.dtype(kv_dtype).name, backend)
-    # NOTE: as LLMEngine builds them: with data parallelism each replica's executables run on
-    # its own devices (so they are keyed by them), and the replicas take replica 0's page count.
-    cache_config = args.cache_config(backend)
+    # NOTE: as LLMEngine builds them (replica_runner_settings), so serve finds them.
     runners: list[ModelRunner] = []
     start = time.perf_counter()
     for placement in placements:
-        cache_key = {"attention_backend": backend}
-        if len(placements) > 1:
-            cache_key["devices"] = device_ids(placement)
-            if runners:
-                cache_config = dataclasses.replace(cache_config,
-                                                   num_gpu_blocks_override=runners[0].num_pages)
+        cache_key, cache_config = replica_runner_settings(
+            placement, placements, backend, args.cache_config(backend),
+            runners[0] if runners else None)
         runner = ModelRunner(
             model_cfg, cache_config, args.scheduler_config(max_model_len, platform), dtype,
             kv_cache_dtype=kv_dtype, compile_sizes=args.compile_sizes,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
@@ -18,8 +17,8 @@ from jaxserve.engine import distributed, memory_plan
 from jaxserve.engine.args import EngineArgs
 from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.model_runner import ModelRunner, StepResult
-from jaxserve.engine.replica import (Replica, copy_model, device_ids, pick_replica,
-                                     replica_placements)
+from jaxserve.engine.replica import (Replica, copy_model, pick_replica,
+                                     replica_placements, replica_runner_settings)
 from jaxserve.engine.scheduler import Scheduler, SchedulerOutput
 from jaxserve.engine.sequence import FinishReason, Sequence
 from jaxserve.engine.stats import StatLogger
@@ -118,15 +117,9 @@ class LLMEngine:
         args = self.args
         runners = []
         for placement in placements:
-            cache_key = {"attention_backend": self.attention_backend}
-            cache_config = self.cache_config
-            if len(placements) > 1:
-                # NOTE: an executable is bound to its devices; and every replica gets replica 0's
-                # page count (sized from the first device's memory), so all are alike.
-                cache_key["devices"] = device_ids(placement)
-                if runners:
-                    cache_config = dataclasses.replace(
-                        cache_config, num_gpu_blocks_override=runners[0].num_pages)
+            cache_key, cache_config = replica_runner_settings(
+                placement, placements, self.attention_backend, self.cache_config,
+                runners[0] if runners else None)
             runner = ModelRunner(model_cfg, cache_config, self.scheduler_config, self.dtype,
                                  enforce_eager=args.enforce_eager, kv_cache_dtype=kv_dtype,
                                  compile_sizes=args.compile_sizes,

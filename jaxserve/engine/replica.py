@@ -57,6 +57,20 @@ def replica_placements(cfg: ModelConfig, parallel: ParallelConfig,
     return placements
 
 
+def replica_runner_settings(placement: Placement | None, placements: list, attention_backend: str,
+                            cache_config, first_runner=None):
+    """The executable-cache key and the cache config of one replica's runner: with several
+    replicas an executable is bound to its devices (so they are in the key), and every replica
+    takes replica 0's page count (`first_runner`'s), so all are alike."""
+    cache_key = {"attention_backend": attention_backend}
+    if len(placements) > 1:
+        cache_key["devices"] = device_ids(placement)
+        if first_runner is not None:
+            cache_config = dataclasses.replace(cache_config,
+                                               num_gpu_blocks_override=first_runner.num_pages)
+    return cache_key, cache_config
+
+
 def device_ids(placement: Placement) -> list[int]:
     """The ids of a placement's devices, in mesh order."""
     return [d.id for d in placement.mesh.devices.flat]
