@@ -59,10 +59,7 @@ def compile_for_target(args, target_name: str) -> CompileReport:
     if args.hf_overrides:
         source.hf_config.update(args.hf_overrides)
     cfg = ModelConfig.from_hf(source.hf_config)
-    max_model_len = args.max_model_len or cfg.max_position_embeddings
-    if max_model_len > cfg.max_position_embeddings:
-        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's "
-                         f"max_position_embeddings {cfg.max_position_embeddings}")
+    max_model_len = args.resolve_max_model_len(cfg)
     platform = target.platform
     dtype = args.resolve_dtype(cfg, platform)
     kv_dtype = args.resolve_kv_cache_dtype(dtype)

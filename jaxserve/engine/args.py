@@ -139,6 +139,14 @@ class EngineArgs:
     def replace(self, **changes: Any) -> EngineArgs:
         return dataclasses.replace(self, **changes)
 
+    def resolve_max_model_len(self, model_config: ModelConfig) -> int:
+        """`--max-model-len`, or the model's context; never beyond the model's."""
+        max_model_len = self.max_model_len or model_config.max_position_embeddings
+        if max_model_len > model_config.max_position_embeddings:
+            raise ValueError(f"--max-model-len {max_model_len} exceeds the model's "
+                             f"max_position_embeddings {model_config.max_position_embeddings}")
+        return max_model_len
+
     def resolve_dtype(self, model_config: ModelConfig, platform: str | None = None):
         """`auto`: float32 on CPU (XLA's bf16 dots are slow there), the checkpoint's dtype else.
         `platform`: the one compiled for (default: JAX's default backend)."""

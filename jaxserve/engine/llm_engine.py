@@ -65,10 +65,7 @@ class LLMEngine:
             source.hf_config.update(args.hf_overrides)
             logger.info("config.json overridden with %s", args.hf_overrides)
         cfg = ModelConfig.from_hf(source.hf_config)
-        max_model_len = args.max_model_len or cfg.max_position_embeddings
-        if max_model_len > cfg.max_position_embeddings:
-            raise ValueError(f"--max-model-len {max_model_len} exceeds the model's "
-                             f"max_position_embeddings {cfg.max_position_embeddings}")
+        max_model_len = args.resolve_max_model_len(cfg)
         self.tokenizer = source.load_tokenizer(args.tokenizer,
                                                trust_remote_code=args.trust_remote_code,
                                                revision=args.revision)
